@@ -455,10 +455,10 @@ try:
     import triton.language as tl
 
     @triton.jit
-    def _softcap_ce_fwd(Z, Y, LOSS, LSE, stride, V, cap, BLOCK: tl.constexpr):
+    def _softcap_ce_fwd(Z, Y, LOSS, LSE, stride, V, cap: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         zp = Z + row.to(tl.int64) * stride
-        m, s = -float("inf"), 0.0
+        m, s = tl.full((), -float("inf"), tl.float32), tl.full((), 0.0, tl.float32)
         for off in range(0, V, BLOCK):
             cols = off + tl.arange(0, BLOCK)
             z = tl.load(zp + cols, mask=cols < V, other=0.0).to(tl.float32)
@@ -476,7 +476,7 @@ try:
         tl.store(LSE + row, lse)
 
     @triton.jit
-    def _softcap_ce_bwd(Z, Y, LSE, G, DZ, stride, V, cap, BLOCK: tl.constexpr):
+    def _softcap_ce_bwd(Z, Y, LSE, G, DZ, stride, V, cap: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         zp = Z + row.to(tl.int64) * stride
         dp = DZ + row.to(tl.int64) * stride
@@ -889,10 +889,10 @@ class Trainer:
         self.muon.step(shards, clip)
         self.adam.step()
         model.zero_grad(set_to_none=True)
-        if self.ema is not None:
+        if self.ema is not None:  # EMA with the usual warm-up, so short runs average recent weights only
+            d = min(cfg.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
-                for e, p in zip(self.ema, model.parameters()):
-                    e.lerp_(p.detach().float(), 1 - cfg.ema_decay)
+                torch._foreach_lerp_(self.ema, [p.detach().float() for p in model.parameters()], 1 - d)
         return total
 
     def warmup(self):
@@ -978,7 +978,326 @@ PROCESS_START = time.perf_counter()
 # =============================================================================
 # 8. Quantization and the artifact
 # =============================================================================
-# (GPTQ / AWQ-lite / LQER and the codec are filled in below)
+# ---- Post-training quantization: GPTQ + SDClip, AWQ-lite, LQER (SPEC section 4) ----
+# Pure functions on tensors (CPU or CUDA), fp32 math. Packed layout, per quantized matrix <n>:
+#   <n>.q int8 [rows, cols]    <n>.s fp16 [rows]      dequant W = q * s (row scale)
+#   <n>.hs fp16 [rows], <n>.hcols int16 [64]          AWQ-lite int8 columns: W[:, hcols] = q[:, hcols] * hs
+#   <n>.la int8 [rows, r] in {-2,-1,0,1}, <n>.las fp16 [1], <n>.lb int8 [r, cols] in [-8, 7],
+#   <n>.lbs fp16 [r, ceil(cols/64)]                   LQER: W += (la * las) @ (lb * lbs per 64-col group)
+# Everything else ('small': <= 65,536 values, not 2D, or integer) is stored under its own name:
+# fp16 for float tensors, unchanged for integer ones.
+class QuantSpec:
+    """Quantization settings; every attribute can be overridden by keyword (e.g. from env vars)."""
+    clip = {'mlp': 11.5, 'attn': 13.0, 'other': 12.85, 'embed': 14.0}  # SDClip k per category
+    qmax, qmax_embed, qmax_gate, awq_qmax = 31, 63, 127, 127  # int6 / int7 / int8 / int8
+    small_numel = 65536  # tensors with at most this many values stay fp16
+    embed_name = 'embed.weight'  # tied embedding = LM head
+    awq, awq_group = True, 64
+    lqer_top_k, lqer_rank, lqer_group = 3, 4, 64
+    lqer_hessian = True  # fit LQER in the Hessian metric where H exists (else plain Frobenius)
+    block, damp = 128, 0.01
+
+    def __init__(self, **kw):
+        self.clip = dict(self.clip)
+        for k, v in kw.items():
+            if not hasattr(self, k):
+                raise AttributeError(f'unknown quant setting {k}')
+            setattr(self, k, v)
+
+    def is_gate(self, name):  # attention output gate weights -> int8 per row
+        return 'attn' in name and 'gate' in name
+
+    def category(self, name, t):
+        if not t.is_floating_point() or t.dim() != 2:
+            return 'small'
+        if self.is_gate(name):
+            return 'gate'
+        if t.numel() <= self.small_numel:
+            return 'small'
+        if name == self.embed_name:
+            return 'embed'
+        return 'mlp' if 'mlp' in name else 'attn' if 'attn' in name else 'other'
+
+
+def _row_scale(W, clip_k, qmax):
+    """SDClip: s = k * std(row) / qmax, rounded to its stored fp16 value."""
+    return (clip_k * W.std(dim=1) / qmax).clamp_min(1e-7).half()
+
+
+def _round(w, s, qmax):
+    return torch.round(w / s).clamp_(-qmax, qmax)
+
+
+def gptq_quantize(W, H, qmax, clip_k, block=128, damp=0.01, hi_cols=None, hi_qmax=127):
+    """GPTQ with per-row SDClip scales. H=None means identity (plain rounding).
+    hi_cols: columns quantized at hi_qmax with their own row scale (same clip range) in the same pass.
+    Returns (q int8 [rows, cols], scale fp16 [rows], hi_scale fp16 [rows] or None)."""
+    W = W.detach().float().clone()
+    rows, cols = W.shape
+    s16 = _row_scale(W, clip_k, qmax)
+    hs16 = None if hi_cols is None else _row_scale(W, clip_k, hi_qmax)
+    s, hs = s16.float(), None if hs16 is None else hs16.float()
+    hi = torch.zeros(cols, dtype=torch.bool, device=W.device)
+    if hi_cols is not None:
+        hi[hi_cols.to(W.device).long()] = True
+    if H is None:
+        Q = _round(W, s[:, None], qmax)
+        if hs is not None:
+            Q[:, hi] = _round(W[:, hi], hs[:, None], hi_qmax)
+        return Q.to(torch.int8), s16, hs16
+    H = H.detach().float().to(W.device).clone()
+    d = H.diagonal()
+    perm = torch.argsort(d, descending=True, stable=True)
+    dead = d == 0  # never-active inputs: decoupled unit diagonal, so they are simply rounded
+    H[dead, dead] = d[~dead].mean() if bool((~dead).any()) else 1.0
+    W, H, hi_p = W[:, perm], H[perm][:, perm], hi[perm].tolist()
+    lam = damp * H.diagonal().mean()
+    for _ in range(6):  # damping (raised if H is numerically not positive definite)
+        H.diagonal().add_(lam)
+        L, info = torch.linalg.cholesky_ex(H)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and bool(torch.isfinite(U).all()):
+                break
+        lam = lam * 10
+    else:
+        raise RuntimeError('GPTQ: Hessian is not positive definite even after damping')
+    Q = torch.zeros_like(W)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Err = torch.zeros_like(W1)
+        for j in range(i2 - i1):
+            sc, qm = (hs, hi_qmax) if hi_p[i1 + j] else (s, qmax)
+            q = _round(W1[:, j], sc, qm)
+            Q[:, i1 + j] = q
+            Err[:, j] = (W1[:, j] - q * sc) / U1[j, j]
+            W1[:, j + 1:].addr_(Err[:, j], U1[j, j + 1:], alpha=-1)  # feedback inside the block
+        W[:, i2:].addmm_(Err, U[i1:i2, i2:], alpha=-1)  # feedback to later blocks
+    return Q[:, torch.argsort(perm)].to(torch.int8), s16, hs16
+
+
+def awq_salient_group(W, H, group=64):
+    """Aligned group of `group` columns with the largest summed (activation RMS x mean |w|)."""
+    ng = W.shape[1] // group
+    if H is None or ng == 0:
+        return None
+    sal = H.diagonal().float().to(W.device).clamp_min(0).sqrt() * W.detach().float().abs().mean(0)
+    g = int(sal[:ng * group].view(ng, group).sum(1).argmax())
+    return torch.arange(g * group, (g + 1) * group, device=W.device)
+
+
+def _metric(H, damp=0.01):
+    """L with H + damp*mean(diag)*I = L L^T, so that tr(E H E^T) = ||E L||^2 (None: Frobenius)."""
+    if H is None:
+        return None
+    H = H.detach().float()
+    L, info = torch.linalg.cholesky_ex(H + damp * H.diagonal().mean() * torch.eye(H.shape[0], device=H.device))
+    return L if info == 0 else None
+
+
+def lqer_factors(E, rank=4, b_group=64, H=None):
+    """Rank-r correction of E. A = top-r left singular vectors of E (of E L if H is given: the
+    output-error metric GPTQ minimizes), orthonormal columns of equal norm so one scale suits all,
+    as int2 {-2,-1,0,1} (a 4-level grid: lower MSE than ternary for the same 2 bits); B is then
+    refit by least squares to the quantized A (optimal in any metric), so it absorbs the singular
+    values and A's rounding, and stored as int4 with fp16 scales per (row, 64-column group).
+    Returns (la int8 [rows, r], las fp16 [1], lb int8 [r, cols], lbs fp16 [r, groups])."""
+    E = E.detach().float()
+    rows, cols = E.shape
+    L = _metric(None if H is None else H.to(E.device))
+    EM = E if L is None else E @ L
+    r = min(rank, rows, cols)
+    U = torch.linalg.svd(EM, full_matrices=False)[0][:, :r]
+    U = U * torch.where((U ** 3).sum(0) > 0, -1.0, 1.0)  # put each column's long tail on the -2 side
+    best = None
+    for c in torch.linspace(0.5, 2.0, 16).tolist():  # pick A's scale by the refit error
+        las = (c * U.pow(2).mean().sqrt()).clamp_min(1e-7).half().view(1)
+        la = torch.round(U / las.float()).clamp_(-2, 1)
+        P = torch.linalg.pinv(la * las.float())
+        err = float((EM - (la * las.float()) @ (P @ EM)).norm())
+        if best is None or err < best[0]:
+            best = (err, la, las, P @ E)
+    _, la, las, B = best
+    ng = -(-cols // b_group)
+    Bg = torch.nn.functional.pad(B, (0, ng * b_group - cols)).view(r, ng, b_group)
+    lbs = (Bg.abs().amax(-1) / 7).clamp_min(1e-7).half()
+    lb = torch.round(Bg / lbs.float()[..., None]).clamp_(-8, 7).view(r, -1)[:, :cols]
+    return la.to(torch.int8), las, lb.to(torch.int8).contiguous(), lbs
+
+
+def lqer_apply(la, las, lb, lbs, b_group=64):
+    cols = lb.shape[1]
+    B = lb.float() * lbs.float().repeat_interleave(b_group, dim=1)[:, :cols]
+    return (la.float() * las.float()) @ B
+
+
+def _dequant(p, name, b_group=64):
+    q = p[name + '.q'].float()
+    W = q * p[name + '.s'].float()[:, None]
+    if name + '.hs' in p:
+        c = p[name + '.hcols'].long()
+        W[:, c] = q[:, c] * p[name + '.hs'].float()[:, None]
+    if name + '.la' in p:
+        W += lqer_apply(*(p[name + k] for k in ('.la', '.las', '.lb', '.lbs')), b_group)
+    return W
+
+
+def _rel(E, W, H=None):
+    """||E|| / ||W||: Frobenius, or the output norm sqrt(tr(E H E^T)) when H is given."""
+    if H is None:
+        return float(E.norm() / W.norm().clamp_min(1e-12))
+    H = H.float().to(E.device)
+    return float((((E @ H) * E).sum() / ((W @ H) * W).sum().clamp_min(1e-24)).clamp_min(0).sqrt())
+
+
+def quantize_state(state, hessians, spec=None):
+    """state: name -> tensor; hessians: name -> H [in, in] (missing -> identity).
+    Returns (packed dict of int8/int16/fp16 tensors, stats). stats: 'cat' name -> category,
+    'rel' / 'hrel' name -> relative Frobenius / output (H-weighted) error, 'lqer' name -> (rel, hrel)
+    after the correction (hrel None without H)."""
+    spec = spec or QuantSpec()
+    out, errs = {}, {}
+    stats = {'cat': {}, 'rel': {}, 'hrel': {}, 'lqer': {}}
+    for name, t in state.items():
+        cat = stats['cat'][name] = spec.category(name, t)
+        if cat == 'small':
+            out[name] = t.detach().half() if t.is_floating_point() else t.detach().clone()
+            continue
+        W, H = t.detach().float(), hessians.get(name)
+        if cat == 'gate':
+            s = (W.abs().amax(1) / spec.qmax_gate).clamp_min(1e-7).half()
+            out[name + '.q'], out[name + '.s'] = _round(W, s.float()[:, None], spec.qmax_gate).to(torch.int8), s
+        else:
+            hc = awq_salient_group(W, H, spec.awq_group) if spec.awq else None
+            qmax = spec.qmax_embed if cat == 'embed' else spec.qmax
+            q, s, hs = gptq_quantize(W, H, qmax, spec.clip[cat], spec.block, spec.damp, hc, spec.awq_qmax)
+            out[name + '.q'], out[name + '.s'] = q, s
+            if hs is not None:
+                out[name + '.hs'], out[name + '.hcols'] = hs, hc.to(torch.int16)
+        E = W - _dequant(out, name)
+        errs[name], stats['rel'][name] = float(E.norm()), _rel(E, W)
+        if H is not None:
+            stats['hrel'][name] = _rel(E, W, H)
+    for name in sorted(errs, key=errs.get, reverse=True)[:spec.lqer_top_k]:
+        W, H = state[name].detach().float(), hessians.get(name)
+        Hm = H if spec.lqer_hessian else None
+        E = W - _dequant(out, name)
+        f = lqer_factors(E, spec.lqer_rank, spec.lqer_group, Hm)
+        R = E - lqer_apply(*f, spec.lqer_group)
+        if _rel(R, W, Hm) < _rel(E, W, Hm):  # keep only a correction that helps
+            out.update({name + k: v for k, v in zip(('.la', '.las', '.lb', '.lbs'), f)})
+            stats['lqer'][name] = (_rel(R, W), None if H is None else _rel(R, W, H))
+    return out, stats
+
+
+def dequantize_state(packed, spec=None):
+    """Float tensors exactly as evaluation uses them (fp32; integer tensors unchanged)."""
+    g = (spec or QuantSpec()).lqer_group
+    qn = {k[:-2] for k in packed if k.endswith('.q')}
+    out = {}
+    for k, v in packed.items():
+        base, _, suf = k.rpartition('.')
+        if base in qn:
+            if suf == 'q':
+                out[base] = _dequant(packed, base, g)
+        else:
+            out[k] = v.float() if v.is_floating_point() else v
+    return out
+
+
+class HessianHook:
+    """Accumulates H += X^T X (fp32) and the row count for every call of each module (depth
+    recurrence adds every pass). Keys are '<module name>.weight'. `add` also serves functional
+    uses (the tied LM head: add('embed.weight', final_hidden)). Sum H and n over ranks if needed."""
+
+    def __init__(self, named_modules):
+        self.H, self.n, self._handles = {}, {}, []
+        for mname, m in named_modules:
+            w = getattr(m, 'weight', None)
+            if isinstance(w, torch.Tensor) and w.dim() == 2:
+                key = mname + '.weight'
+                self._handles.append(m.register_forward_hook(lambda mod, inp, out, k=key: self.add(k, inp[0])))
+
+    @torch.no_grad()
+    def add(self, key, x):
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if key not in self.H:
+            self.H[key] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            self.n[key] = 0
+        self.H[key].addmm_(x.T, x)
+        self.n[key] += x.shape[0]
+
+    def hessians(self):
+        return {k: H / max(self.n[k], 1) for k, H in self.H.items()}
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def quant_spec(cfg):
+    return QuantSpec(clip={"mlp": cfg.clip_k_mlp, "attn": cfg.clip_k_attn, "other": cfg.clip_k_other, "embed": cfg.clip_k_embed},
+                     qmax=2 ** (cfg.matrix_bits - 1) - 1, qmax_embed=2 ** (cfg.embed_bits - 1) - 1, awq=cfg.awq_lite,
+                     lqer_top_k=cfg.lqer_top_k, lqer_rank=cfg.lqer_rank, block=cfg.gptq_block, damp=cfg.gptq_damp)
+
+
+@torch.no_grad()
+def collect_hessians(model, loader, cfg, rt, deadline):
+    """H = X^T X / n of every Linear input (every looped pass) and of the final hidden state (tied head), from up to
+    GPTQ_CALIB_BATCHES training batches, stopping early at the training deadline (at least one batch)."""
+    hook = HessianHook([(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)])
+    n_done = 0
+    try:
+        for b in range(cfg.gptq_calib_batches):
+            for x, y, cu in loader.next_step():
+                with autocast(rt.device):
+                    hook.add("embed.weight", model.hidden(x[None], cu, cfg.train_seq_len))
+            n_done += 1
+            stop = torch.tensor([float(time.perf_counter() >= deadline)], device=rt.device)
+            if float(all_reduce_(stop, dist.ReduceOp.MAX)[0]) > 0:
+                break
+    finally:
+        hook.remove()
+    for k in sorted(hook.H):
+        all_reduce_(hook.H[k])
+        n = torch.tensor([float(hook.n[k])], device=rt.device)
+        hook.n[k] = float(all_reduce_(n)[0])
+    return hook.hessians(), n_done
+
+
+def model_state(model):
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def load_dequantized(model, packed, cfg):
+    deq = dequantize_state(packed, quant_spec(cfg))
+    sd = model.state_dict()
+    missing = set(sd) ^ set(deq)
+    if missing:
+        raise SystemExit(f"error: the artifact does not match this model configuration (tensors {sorted(missing)[:4]}...); "
+                         f"evaluate with the settings it was trained with")
+    model.load_state_dict({k: deq[k].to(sd[k].dtype) for k in sd})
+    return model
+
+
+def wrap_code(src: str):
+    """The code as it would be submitted: minified (python-minifier, if installed), brotli, base85, exec stub.
+    linecache gets the source so Triton's @jit (inspect.getsource) still works. Returns (wrapped bytes, method)."""
+    import brotli
+    method = "python-minifier + brotli + base85"
+    try:
+        import python_minifier
+        src = python_minifier.minify(src, remove_annotations=False, remove_literal_statements=True, rename_globals=False,
+                                     hoist_literals=False)
+    except ImportError:
+        method = "brotli + base85 of the unminified source (python-minifier missing: an upper bound)"
+    blob = base64.b85encode(brotli.compress(src.encode(), quality=11)).decode()
+    stub = ("import brotli,base64,linecache as L\n"
+            f's=brotli.decompress(base64.b85decode("{blob}")).decode();L.cache["train_gpt.py"]=(len(s),None,'
+            's.splitlines(True),"train_gpt.py");exec(compile(s,"train_gpt.py","exec"))\n')
+    return stub.encode(), method
 
 
 # =============================================================================
@@ -1062,6 +1381,57 @@ def sliding_rows(tokens, window, stride, limit=0):
 # =============================================================================
 # 10. Main
 # =============================================================================
+def broadcast_bytes(blob, rt):
+    """Rank 0's bytes to every rank (all ranks evaluate the artifact file rank 0 wrote)."""
+    if rt.world == 1:
+        return blob
+    obj = [blob]
+    dist.broadcast_object_list(obj, src=0)
+    return obj[0]
+
+
+def build_artifact(model, hessians, cfg, rt, out_dir, summary):
+    """GPTQ + compression on rank 0; writes model.ptz, logs sizes; returns an error message if over the limit."""
+    t = time.perf_counter()
+    packed, qstats = quantize_state(model_state(model), hessians, quant_spec(cfg))
+    summary["gptq_s"] = round(time.perf_counter() - t, 2)
+    worst = sorted(qstats["hrel"].items(), key=lambda kv: -kv[1])[:3]
+    rt.log(f"GPTQ: {len(qstats['rel'])} tensors in {summary['gptq_s']}s; LQER on {sorted(qstats['lqer'])}; "
+           f"largest output errors {[(k, round(v, 4)) for k, v in worst]}")
+    t = time.perf_counter()
+    blob = pack_state({k: v.cpu() for k, v in packed.items()})
+    summary["compress_s"] = round(time.perf_counter() - t, 2)
+    code, method = wrap_code(Path(__file__).read_text())
+    if rt.master:
+        (out_dir / "model.ptz").write_bytes(blob)
+        (out_dir / "train_gpt_wrapped.py").write_bytes(code)
+    total = len(blob) + len(code)
+    summary.update(artifact_bytes=len(blob), code_bytes=len(code), code_raw_bytes=len(Path(__file__).read_bytes()),
+                   bytes_total=total, code_method=method)
+    rt.log(f"artifact: model {len(blob):,} B (compressed in {summary['compress_s']}s) + code {len(code):,} B ({method}) "
+           f"= {total:,} B; limit {cfg.artifact_limit:,} B")
+    if total >= cfg.artifact_limit:
+        return (f"error: artifact total {total:,} B >= ARTIFACT_LIMIT {cfg.artifact_limit:,} B: the submission is too "
+                f"large; lower MATRIX_BITS/EMBED_BITS, raise CLIP_K_*, or shrink the model")
+    return None
+
+
+def submission_record(summaries, cfg):
+    """submission.json in the shape of the challenge's records; several seeds -> mean and std."""
+    bpbs = [s["val_bpb"] for s in summaries]
+    s0 = summaries[0]
+    mean = float(np.mean(bpbs))
+    return dict(name=cfg.submission_name or "parameter-golf-kit", author=cfg.submission_author, github_id=cfg.submission_github_id,
+                val_bpb=round(mean, 6), val_bpb_std=round(float(np.std(bpbs, ddof=1)), 6) if len(bpbs) > 1 else None,
+                val_loss=round(float(np.mean([s["val_loss"] for s in summaries])), 6),
+                bytes_total=max(s.get("bytes_total") or 0 for s in summaries),
+                seeds=[dict(seed=s["seed"], val_bpb=s["val_bpb"], val_loss=s["val_loss"], bytes_total=s.get("bytes_total"),
+                            steps=s.get("steps"), train_wallclock_s=s.get("train_wallclock_s"),
+                            eval_time_s=s.get("eval_time_s")) for s in summaries],
+                hardware=f"{s0['world_size']}x {s0.get('gpu')}", software=dict(torch=s0.get("torch"), python=platform.python_version()),
+                date=time.strftime("%Y-%m-%d"))
+
+
 def write_json(path, obj):
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
@@ -1102,16 +1472,40 @@ def main():
     val_tokens, val_bytes = load_val(cfg, rt)
     trainer = Trainer(cfg, rt, model)
     t_train0 = trainer.run(summary)
+    deadline = t_train0 + cfg.max_wallclock_seconds if cfg.max_wallclock_seconds > 0 else float("inf")
     model.looping = cfg.num_loops > 0
-    scorer = Scorer(model, val_tokens, val_bytes, rt.device)
     micro = cfg.train_batch_tokens // max(1, rt.world * trainer.accum)
-    loss, bpb, n, nb = eval_windows(scorer, plain_rows(val_tokens, cfg.train_seq_len, cfg.val_max_tokens), rt, micro)
-    summary.update(pre_quant_val_bpb=bpb, pre_quant_val_loss=loss)
+    hessians = None
+    if cfg.quantize:  # calibration belongs to the training budget
+        t = time.perf_counter()
+        hessians, n_cal = collect_hessians(model, trainer.loader, cfg, rt, deadline)
+        summary["hessian_s"] = round(time.perf_counter() - t, 2)
+        rt.log(f"GPTQ Hessians: {n_cal} batches in {summary['hessian_s']}s")
+    summary["train_wallclock_s"] = round(time.perf_counter() - t_train0, 2)
+    rt.log(f"training wallclock incl. calibration: {summary['train_wallclock_s']}s")
+    loss, bpb, n, nb = eval_windows(Scorer(model, val_tokens, val_bytes, rt.device),
+                                    plain_rows(val_tokens, cfg.train_seq_len, cfg.val_max_tokens), rt, micro)
+    summary.update(pre_quant_val_bpb=bpb, pre_quant_val_loss=loss, val_loss=loss, val_bpb=bpb, val_tokens=n, val_bytes=nb)
     rt.log(f"pre-quant val_loss {loss:.5f} val_bpb {bpb:.5f} ({n:,} tokens, {nb:,} bytes)")
-    summary.update(val_loss=loss, val_bpb=bpb, val_tokens=n, val_bytes=nb)
+    failure = None
+    if cfg.quantize:
+        failure = build_artifact(model, hessians, cfg, rt, out_dir, summary)
+        t_eval0 = time.perf_counter()
+        eval_model = GPT(cfg).to(rt.device)
+        eval_model.attn_backend, eval_model.looping = model.attn_backend, cfg.num_loops > 0
+        blob = (out_dir / "model.ptz").read_bytes() if rt.master else None
+        load_dequantized(eval_model, unpack_state(broadcast_bytes(blob, rt)), cfg)
+        del model
+        summary.update(run_evaluation(eval_model, val_tokens, val_bytes, cfg, rt, t_eval0,
+                                      lambda k: [b for _ in range(k) for b in trainer.loader.next_step()]))
+        summary.update(val_loss=summary.get("ttt_val_loss") or summary["quant_val_loss"],
+                       val_bpb=summary.get("ttt_val_bpb") or summary["quant_val_bpb"])
     if rt.master:
         write_json(out_dir / "summary.json", summary)
-    rt.log(f"summary: {out_dir / 'summary.json'}")
+        write_json(out_dir / "submission.json", submission_record([summary], cfg))
+    rt.log(f"final val_bpb {summary['val_bpb']:.5f} (val_loss {summary['val_loss']:.5f}); summary: {out_dir / 'summary.json'}")
+    if failure:
+        raise SystemExit(failure)
     if dist.is_initialized():
         dist.destroy_process_group()
 

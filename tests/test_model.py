@@ -1,0 +1,216 @@
+"""CPU tests of the model, optimizers, schedules and loader (issue 3 point 2) at a tiny size."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as T
+
+TINY = dict(RUN_PRESET="tiny", DATA_PATH="/nonexistent", TRAIN_BATCH_TOKENS="1024", GRAD_ACCUM_STEPS="2")
+
+
+def tiny_cfg(**kw):
+    env = dict(TINY)
+    env.update({k: str(v) for k, v in kw.items()})
+    return T.Config(env)
+
+
+def make_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = T.GPT(tiny_cfg(**kw))
+    with torch.no_grad():  # zero-initialized params would hide paths: randomize everything a little
+        for name, p in m.named_parameters():
+            if "embed" not in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return m.eval()
+
+
+def logits_of(m, ids, cu):
+    return m.logits(m.hidden(ids, cu, int(ids.shape[1])))
+
+
+@pytest.mark.parametrize("looping", [False, True])
+def test_causality(looping):
+    m = make_model()
+    m.looping = looping
+    torch.manual_seed(1)
+    ids = torch.randint(4, 1024, (1, 96))
+    ids[0, 0] = 1
+    cu = torch.tensor([0, 96], dtype=torch.int32)
+    base = logits_of(m, ids, cu)
+    for t in (1, 40, 95):
+        ids2 = ids.clone()
+        ids2[0, t:] = torch.randint(4, 1024, (96 - t,))
+        out = logits_of(m, ids2, cu)
+        assert torch.allclose(out[0, :t], base[0, :t], atol=1e-5), f"logits before {t} changed"
+        assert not torch.allclose(out[0, t:], base[0, t:], atol=1e-5)
+
+
+@pytest.mark.parametrize("looping", [False, True])
+def test_document_isolation(looping):
+    """Packed docs [BOS a..][BOS b..][BOS c..]: changing doc b changes no logit of a or c."""
+    m = make_model()
+    m.looping = looping
+    torch.manual_seed(2)
+    ids = torch.randint(4, 1024, (1, 90))
+    for s in (0, 30, 55):
+        ids[0, s] = 1
+    cu = torch.from_numpy(T.segment_bounds(ids[0].numpy(), 128))
+    assert cu.tolist() == [0, 30, 55, 90]
+    base = logits_of(m, ids, cu)
+    ids2 = ids.clone()
+    ids2[0, 31:55] = torch.randint(4, 1024, (24,))
+    out = logits_of(m, ids2, cu)
+    assert torch.allclose(out[0, :30], base[0, :30], atol=1e-5)
+    assert torch.allclose(out[0, 55:], base[0, 55:], atol=1e-5)
+    assert not torch.allclose(out[0, 31:55], base[0, 31:55], atol=1e-5)
+
+
+def test_smeargate_masked_at_segment_start():
+    """With a strong SmearGate, the first token of a document must not see the previous document's last token."""
+    m = make_model()
+    with torch.no_grad():
+        m.smear_lam.fill_(5.0)
+    ids = torch.tensor([[1, 7, 8, 9, 1, 10, 11]])
+    cu = torch.tensor([0, 4, 7], dtype=torch.int32)
+    a = logits_of(m, ids, cu)
+    ids2 = ids.clone(); ids2[0, 3] = 500
+    b = logits_of(m, ids2, cu)
+    assert torch.allclose(a[0, 4:], b[0, 4:], atol=1e-5)
+
+
+def test_segment_bounds_splits_long_docs():
+    toks = np.array([1] + [5] * 9 + [1] + [6] * 3)
+    assert T.segment_bounds(toks, 4).tolist() == [0, 4, 8, 10, 14]
+    assert T.segment_bounds(toks, 3).tolist() == [0, 3, 6, 9, 10, 13, 14]
+
+
+def test_every_parameter_in_exactly_one_group():
+    m = make_model(ASYM_SOFTCAP=1)
+    groups = T.split_params(m)
+    ids = [id(p) for g in groups for p in g]
+    assert len(ids) == len(set(ids)) == len(list(m.parameters()))
+    matrices = groups[0]
+    assert all(p.ndim == 2 for p in matrices) and len(matrices) == 6 * m.cfg.num_layers
+
+
+def test_schedules():
+    cfg = tiny_cfg()
+    assert T.lr_multiplier(0.0, cfg) == 1.0 and T.lr_multiplier(0.15, cfg) == 1.0
+    assert math.isclose(T.lr_multiplier(1.0, cfg), 0.1)
+    assert math.isclose(T.lr_multiplier(0.15 + 0.85 / 2, cfg), 1 - 0.9 / 2)
+    assert T.lr_multiplier(0.5, cfg) > T.lr_multiplier(0.6, cfg)
+    cfg = T.Config({})
+    assert math.isclose(T.muon_momentum(0, cfg), 0.92) and math.isclose(T.muon_momentum(750, cfg), 0.945)
+    assert math.isclose(T.muon_momentum(1500, cfg), 0.97) and math.isclose(T.muon_momentum(5000, cfg), 0.97)
+
+
+def test_loop_switch_fraction(tiny_data, tmp_path):
+    """Depth recurrence turns on at the first step whose progress >= LOOP_START_FRAC (step-based schedule)."""
+    cfg = T.Config(dict(TINY, DATA_PATH=str(tiny_data), ITERATIONS="20", WARMUP_STEPS="0", EMA_DECAY="0"))
+    rt = T.Runtime(0, 1, 0, torch.device("cpu"), True)
+    m = T.GPT(cfg)
+    tr = T.Trainer(cfg, rt, m)
+    seen = []
+    orig = tr.train_step
+    tr.train_step = lambda step, frac: (seen.append((step, frac, m.looping)), orig(step, frac))[1]
+    tr.run({})
+    first = next(s for s, _, lp in seen if lp)
+    assert first == 7 and seen[first - 1][1] < 0.35 <= seen[first][1]  # 7/20 = 0.35
+    assert all(lp for _, _, lp in seen[first:])
+
+
+def test_loader_same_global_batch_across_world_sizes(tiny_data):
+    """1 rank x 4 micro-steps and 2 ranks x 2 micro-steps read exactly the same tokens per global step."""
+    def batches(world, accum):
+        cfg = T.Config(dict(TINY, DATA_PATH=str(tiny_data)))
+        per_rank = []
+        for r in range(world):
+            ld = T.TrainLoader(cfg, T.Runtime(r, world, r, torch.device("cpu"), r == 0), accum)
+            per_rank.append([ld.next_step() for _ in range(3)])
+        steps = []
+        for s in range(3):
+            chunks = {}
+            for r in range(world):
+                for a, (x, y, cu) in enumerate(per_rank[r][s]):
+                    chunks[a * world + r] = (x, y)
+            steps.append(torch.cat([torch.cat([chunks[c][0] for c in sorted(chunks)]),
+                                    torch.cat([chunks[c][1] for c in sorted(chunks)])]))
+        return steps
+    one, two = batches(1, 4), batches(2, 2)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+    assert not torch.equal(one[0], one[1])
+
+
+def test_loader_targets_are_next_tokens(tiny_data):
+    cfg = T.Config(dict(TINY, DATA_PATH=str(tiny_data)))
+    ld = T.TrainLoader(cfg, T.Runtime(0, 1, 0, torch.device("cpu"), True), 2)
+    s1, s2 = ld.next_step(), ld.next_step()
+    (x0, y0, _), (x1, y1, _) = s1
+    assert torch.equal(x0[1:], y0[:-1]) and y0[-1] == x1[0] and y1[-1] == s2[0][0][0]
+
+
+def test_same_seed_same_loss_curve(tiny_data):
+    def curve():
+        cfg = T.Config(dict(TINY, DATA_PATH=str(tiny_data), ITERATIONS="4", WARMUP_STEPS="1"))
+        rt = T.Runtime(0, 1, 0, torch.device("cpu"), True)
+        torch.manual_seed(cfg.seed)
+        m = T.GPT(cfg)
+        tr = T.Trainer(cfg, rt, m)
+        tr.warmup()
+        return [float(tr.train_step(s, s / 4)) for s in range(4)]
+    a, b = curve(), curve()
+    assert a == b
+
+
+def test_warmup_state_is_discarded(tiny_data):
+    cfg = T.Config(dict(TINY, DATA_PATH=str(tiny_data), WARMUP_STEPS="2"))
+    rt = T.Runtime(0, 1, 0, torch.device("cpu"), True)
+    torch.manual_seed(0)
+    m = T.GPT(cfg)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    tr = T.Trainer(cfg, rt, m)
+    pos = tr.loader.stream.state()
+    tr.warmup()
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert tr.loader.stream.state() == pos and all(mm is None for mm in tr.muon.momentum)
+
+
+def test_fused_ce_math_matches_eager():
+    torch.manual_seed(0)
+    z = (torch.randn(64, 300) * 20).requires_grad_()
+    y = torch.randint(0, 300, (64,))
+    a = T.SoftcapCE.apply(z, y, 30.0)
+    ga, = torch.autograd.grad(a.sum() * 1.7, z)
+    b = T.softcap_ce_eager(z, y, 30.0)
+    gb, = torch.autograd.grad(b.sum() * 1.7, z)
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(ga, gb, atol=1e-6)
+
+
+def test_asym_softcap_gets_gradient():
+    m = make_model(ASYM_SOFTCAP=1)
+    ids = torch.randint(4, 1024, (1, 32)); ids[0, 0] = 1
+    loss = m(ids, torch.randint(4, 1024, (1, 32)), torch.tensor([0, 32], dtype=torch.int32), 32).mean()
+    loss.backward()
+    assert m.cap_pos.grad is not None and m.cap_pos.grad.abs() > 0 and m.cap_neg.grad.abs() > 0
+
+
+def test_orthogonalize_gives_near_orthogonal():
+    torch.manual_seed(0)
+    G = torch.randn(3, 64, 128)
+    O = T.orthogonalize(G, 5)
+    s = torch.linalg.svdvals(O)
+    assert s.min() > 0.7 and s.max() < 1.3
+
+
+def test_config_typo_and_bad_values():
+    cfg = T.Config({"PHASED_TTT_PREFIX_DOC": "10", "MATRIX_LRR": "0.1"})
+    assert any("PHASED_TTT_PREFIX_DOCS" in w for w in cfg.warnings)
+    assert any("MATRIX_LR" in w for w in cfg.warnings)
+    with pytest.raises(SystemExit, match="ITERATIONS"):
+        T.Config({"ITERATIONS": "many"})
+    with pytest.raises(SystemExit, match="RUN_PRESET"):
+        T.Config({"RUN_PRESET": "huge"})
+    assert T.Config({"RUN_PRESET": "tiny", "MODEL_DIM": "32"}).model_dim == 32
