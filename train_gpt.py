@@ -112,6 +112,7 @@ CONFIG = [
     ("TTT_CHUNK", 48, "tokens scored per TTT step"),
     ("TTT_CONTEXT", 2048, "context window of TTT scoring"),
     ("TTT_BATCH_DOCS", 64, "documents per LoRA batch"),
+    ("TTT_MAX_BATCH_TOKENS", 65536, "padded tokens per LoRA forward (a chunk step splits its documents beyond)"),
     ("TTT_LORA_RANK", 80, "LoRA rank"),
     ("TTT_LORA_LR", 1e-4, "LoRA AdamW lr"),
     ("TTT_LORA_WD", 0.5, "LoRA AdamW weight decay"),
@@ -1680,8 +1681,7 @@ def totals(tot):
 
 def plain_rows(tokens, seq_len, limit=0):
     """Non-overlapping windows of seq_len within documents, longest first."""
-    rows = [r for s, e in doc_ranges(tokens[:limit + 1] if limit else tokens) for r in span_rows(s, s, e, seq_len, seq_len)]
-    return sorted(rows, key=lambda r: r[0] - r[1])
+    return sliding_rows(tokens, seq_len, seq_len, limit)
 
 
 def span_rows(s, lo, hi, window, stride):
@@ -1822,8 +1822,11 @@ class TTT:
     its group is fully scored. 'full': the stream in chunks, each scored (sliding windows), then all weights take SGD
     steps on it. The eval budget shrinks the work (phases, then adapter updates), never the scored tokens."""
 
+    runs = 0  # TTT evaluations so far in this process (every rank counts alike): fresh queue keys for each
+
     def __init__(self, model, scorer, tokens, cfg, rt, deadline, score_rate=None):
         self.m, self.sc, self.tok, self.cfg, self.rt, self.deadline = model, scorer, tokens, cfg, rt, deadline
+        TTT.runs += 1
         self.docs, self.t0 = doc_ranges(tokens), time.perf_counter()
         self.tot = torch.zeros(3, dtype=torch.float64, device=rt.device)
         self.margin = 1.0 + 0.03 * cfg.eval_budget_seconds
@@ -1885,19 +1888,22 @@ class TTT:
             act = [i for i, (s, e) in enumerate(batch) if s + c * C < e]
             rows = [(max(s, b - W), b, a) for s, e in (batch[i] for i in act) for a in [s + c * C] for b in [min(e, a + C)]]
             train = [r[1] < batch[i][1] for i, r in zip(act, rows)]  # documents that go on after this chunk
-            sel = ad
-            if len(act) < n:
-                ix = torch.tensor(act, device=self.rt.device)
-                sel = {k: (v[0][ix], v[1][ix]) if k == "head" else [(A[ix], B[ix]) for A, B in v] for k, v in ad.items()}
-            with torch.set_grad_enabled(any(train)):
-                loss, nll, scored, nb = self.sc.forward(rows, sel)
-                add_scores(self.tot, rows, nll, scored, nb)  # SCORE first ...
-                if any(train):  # ... then learn from the scored chunk
-                    w = scored & torch.tensor(train, device=self.rt.device)[:, None]
-                    ((loss * w).sum(1) / w.sum(1).clamp_min(1)).sum().backward()
-                    _trace("lora_update", row_positions([r for r, t in zip(rows, train) if t], False))
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+            m = max(1, self.cfg.ttt_max_batch_tokens // max(b - a for a, b, _ in rows))  # rows per forward (memory)
+            for j in range(0, len(act), m):
+                sel = ad
+                if act[j:j + m] != list(range(n)):
+                    ix = torch.tensor(act[j:j + m], device=self.rt.device)
+                    sel = {k: (v[0][ix], v[1][ix]) if k == "head" else [(A[ix], B[ix]) for A, B in v] for k, v in ad.items()}
+                with torch.set_grad_enabled(any(train[j:j + m])):
+                    loss, nll, scored, nb = self.sc.forward(rows[j:j + m], sel)
+                    add_scores(self.tot, rows[j:j + m], nll, scored, nb)  # SCORE first ...
+                    if any(train[j:j + m]):
+                        w = scored & torch.tensor(train[j:j + m], device=self.rt.device)[:, None]
+                        ((loss * w).sum(1) / w.sum(1).clamp_min(1)).sum().backward()
+            if any(train):  # ... then learn from the scored chunk
+                _trace("lora_update", row_positions([r for r, t in zip(rows, train) if t], False))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
 
     def sgd(self, lo, hi, opt, lr, epochs, step_tokens, clip=0.0, cosine=True):
         """Base weights learn from the scored span (inputs [lo, hi), targets (lo, hi]); each step's tokens are split
@@ -1939,8 +1945,8 @@ class TTT:
         if self.rt.world == 1:
             yield from range(n)
             return
-        store = dist.distributed_c10d._get_default_store()
-        while (i := store.add(f"ttt_queue_{name}", 1) - 1) < n:
+        store, key = dist.distributed_c10d._get_default_store(), f"ttt_queue_{TTT.runs}_{name}"
+        while (i := store.add(key, 1) - 1) < n:
             yield i
 
     def phased(self):
@@ -1968,7 +1974,7 @@ class TTT:
                 else:
                     self.score_rows([r for s, e in batch for r in span_rows(s, s, e, W, W)])
                     self.stats["score_only_docs"] += len(batch)
-                    self.shrink("stopped LoRA updates (projected overrun): the remaining documents are scored as is")
+                    self.shrink("LoRA updates skipped for some document batches (projected overrun); those are scored as is")
                 if bi % max(1, len(bl) // 4) == 0:
                     rt.log(f"ttt group {gi + 1}/{len(plans)} batch {bi + 1}/{len(bl)}: t {time.perf_counter() - self.t0:.1f}s "
                            f"rank0 running val_bpb {totals(self.tot)[1]:.5f}")
