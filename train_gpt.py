@@ -152,6 +152,25 @@ KNOWN_FOREIGN = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
                  "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "OMP_NUM_THREADS"}
 
 
+FAMILIES = {"TTT", "PHASED", "GPTQ", "LQER", "MUON", "NGRAM", "QUANT", "XSA", "EMA", "AWQ", "EMBED", "MATRIX", "SCALAR",
+            "CLIP", "LOOP", "ROPE", "QK", "SMEAR", "ATTN", "ARTIFACT", "CALIBRATE", "SUBMISSION", "EVAL", "VAL", "TRAIN",
+            "DATA"}
+ALIASES = {"PHASED_TTT_ENABLED": "TTT_MODE=phased", "TTT_ENABLED": "TTT_MODE (phased | full | off)",
+           "SLIDING_WINDOW_ENABLED": "SLIDING_EVAL", "NGRAM_ENABLED": "NGRAM_TILT", "DATA_DIR": "DATA_PATH"}
+
+
+def looks_like(key, names):
+    """The setting `key` was probably meant as, or None: a close spelling, or a
+    name of one of our families (same first two words, or a family word)."""
+    close = [ALIASES[key]] if key in ALIASES else difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+    if close:
+        return close[0]
+    words = key.split("_")
+    same = [n for n in names if n.split("_")[:2] == words[:2] and len(words) > 1] or \
+           [n for n in names if words[0] in FAMILIES and n.split("_")[0] == words[0]]
+    return (difflib.get_close_matches(key, same, n=1, cutoff=0.0) or [None])[0] if same else None
+
+
 def _parse(name, default, raw):
     if isinstance(default, bool):
         if raw.strip().lower() in ("1", "true", "yes", "on"):
@@ -185,10 +204,10 @@ class Config:
         for key in env:  # typo detection: a var that looks like ours but is not
             if key in names or key in KNOWN_FOREIGN or not key.isupper():
                 continue
-            close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+            close = looks_like(key, names)
             if close:
                 self.warnings.append(f"warning: environment variable {key} is not a setting of train_gpt.py; "
-                                     f"did you mean {close[0]}? (it is ignored)")
+                                     f"did you mean {close}? (it is ignored)")
 
     def __getattr__(self, k):
         try:
@@ -434,14 +453,26 @@ def varlen_attention(q, k, v, cu, max_len, backend):
         elif q.shape[1] != k.shape[1]:
             k, v = k.repeat_interleave(q.shape[1] // k.shape[1], 1), v.repeat_interleave(q.shape[1] // k.shape[1], 1)
         return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
-    # masked SDPA: exact reference, O(T^2) memory (CPU, tests)
-    T = q.shape[0]
-    ar = torch.arange(T, device=q.device)
-    seg = torch.searchsorted(cu, ar.to(cu.dtype), right=True)
-    mask = (seg[:, None] == seg[None, :]) & (ar[None, :] <= ar[:, None])
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
-                                         enable_gqa=q.shape[1] != k.shape[1])
-    return out.transpose(0, 1)
+    # masked SDPA (CPU, tests): whole segments are grouped into blocks of about
+    # SDPA_BLOCK tokens, so cost grows with the block, not with the batch
+    bounds, outs, lo = cu.tolist(), [], 0
+    while lo < len(bounds) - 1:
+        hi = lo + 1
+        while hi < len(bounds) - 1 and bounds[hi + 1] - bounds[lo] <= SDPA_BLOCK:
+            hi += 1
+        a, b = bounds[lo], bounds[hi]
+        lo = hi
+        if a == b:
+            continue
+        ar = torch.arange(a, b, device=q.device)
+        seg = torch.searchsorted(cu, ar.to(cu.dtype), right=True)
+        mask = (seg[:, None] == seg[None, :]) & (ar[None, :] <= ar[:, None])
+        outs.append(F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+                                                   attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1]).transpose(0, 1))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+SDPA_BLOCK = 1024
 
 
 try:
@@ -2223,10 +2254,18 @@ def main():
                                       lambda k: [b for _ in range(k) for b in trainer.loader.next_step()]))
         summary.update(val_loss=summary.get("ttt_val_loss") or summary["quant_val_loss"],
                        val_bpb=summary.get("ttt_val_bpb") or summary["quant_val_bpb"])
+    why_not = failure or (None if cfg.quantize else "QUANTIZE=0: pre-quant diagnostic, no artifact")
+    summary["valid"] = why_not is None
     if rt.master:
         write_json(out_dir / "summary.json", summary)
-        write_json(out_dir / "submission.json", submission_record([summary], cfg))
-    rt.log(f"final val_bpb {summary['val_bpb']:.5f} (val_loss {summary['val_loss']:.5f}); summary: {out_dir / 'summary.json'}")
+        if why_not is None:
+            write_json(out_dir / "submission.json", submission_record([summary], cfg))
+    if why_not is None:
+        rt.log(f"final val_bpb {summary['val_bpb']:.5f} (val_loss {summary['val_loss']:.5f}); "
+               f"summary: {out_dir / 'summary.json'}, submission: {out_dir / 'submission.json'}")
+    else:
+        rt.log(f"no valid result ({why_not}); val_bpb {summary['val_bpb']:.5f} is for diagnosis only; "
+               f"summary: {out_dir / 'summary.json'}")
     if failure:
         raise SystemExit(failure)
     if dist.is_initialized():
@@ -2254,6 +2293,8 @@ def cli(argv):
                 raise SystemExit(f"error: cannot read summary {f}: {e}")
             if summaries[-1].get("val_bpb") is None:
                 raise SystemExit(f"error: {f} has no val_bpb (the run did not finish)")
+            if summaries[-1].get("valid") is False:
+                raise SystemExit(f"error: {f} is not a valid result (artifact over the limit or QUANTIZE=0)")
         write_json(Path(argv[1]), submission_record(summaries, Config()))
         print(f"wrote {argv[1]}: val_bpb mean over {len(summaries)} seeds")
     else:

@@ -209,6 +209,14 @@ def test_config_typo_and_bad_values():
     cfg = T.Config({"PHASED_TTT_PREFIX_DOC": "10", "MATRIX_LRR": "0.1"})
     assert any("PHASED_TTT_PREFIX_DOCS" in w for w in cfg.warnings)
     assert any("MATRIX_LR" in w for w in cfg.warnings)
+    # names of our families and the reference script's switches are caught too; foreign vars are not
+    cfg = T.Config({"PHASED_TTT_ENABLED": "1", "MUON_LR": "0.02", "DATA_DIR": "x", "GPTQ_CALIB_BATCH": "4",
+                    "CUDA_VISIBLE_DEVICES": "0", "NCCL_DEBUG": "INFO", "TORCHINDUCTOR_CACHE_DIR": "/tmp/x"})
+    text = "\n".join(cfg.warnings)
+    for typo, meant in [("PHASED_TTT_ENABLED", "TTT_MODE"), ("MUON_LR", "MUON_"), ("DATA_DIR", "DATA_PATH"),
+                        ("GPTQ_CALIB_BATCH", "GPTQ_CALIB_BATCHES")]:
+        assert any(typo + " " in w and meant in w for w in cfg.warnings), (typo, text)
+    assert len(cfg.warnings) == 4, text
     with pytest.raises(SystemExit, match="ITERATIONS"):
         T.Config({"ITERATIONS": "many"})
     with pytest.raises(SystemExit, match="RUN_PRESET"):

@@ -1,0 +1,81 @@
+"""The whole pipeline end to end on CPU, as a user runs it: prepare --demo, then
+RUN_PRESET=tiny train_gpt.py (train, GPTQ, compress, decompress, evaluate with
+phased TTT), then the submission files and the seed merge."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args, cwd, env=None, timeout=600):
+    e = {k: v for k, v in os.environ.items() if k not in ("RUN_PRESET", "DATA_PATH")}
+    e.update(PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e")
+    r = run([str(ROOT / "prepare_caseops_data.py"), "--demo"], cwd=work)
+    assert r.returncode == 0, r.stderr
+    r = run([str(ROOT / "train_gpt.py")], cwd=work,
+            env=dict(RUN_PRESET="tiny", ARTIFACT_DIR="run", TTT_CHUNK="64", OMP_NUM_THREADS="2"))
+    return work, r
+
+
+def test_end_to_end_tiny(demo_run):
+    work, r = demo_run
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_dir = work / "run"
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["valid"] is True and s["attention_backend"] == "sdpa"
+    for key in ("steps", "train_wallclock_s", "hessian_s", "pre_quant_val_bpb", "quant_val_bpb", "ttt_val_bpb",
+                "artifact_bytes", "code_bytes", "bytes_total", "eval_time_s"):
+        assert s.get(key) is not None, key
+    assert s["bytes_total"] == s["artifact_bytes"] + s["code_bytes"] < 16_000_000
+    assert (run_dir / "model.ptz").stat().st_size == s["artifact_bytes"]
+    # every val token scored once: the TTT pass covers all val tokens and the sidecar bytes
+    man = json.loads((work / "data" / "demo" / "manifest.json").read_text())
+    assert s["val_bytes"] == man["counts"]["val_bytes"]
+    assert s["val_tokens"] == man["counts"]["val_tokens"] - 1  # the first BOS is context, never a target
+    assert s["val_bpb"] == s["ttt_val_bpb"] and 0 < s["val_bpb"] < 8
+    sub = json.loads((run_dir / "submission.json").read_text())
+    assert sub["val_bpb"] == pytest.approx(s["val_bpb"], abs=1e-6) and sub["bytes_total"] == s["bytes_total"]
+    assert "final val_bpb" in r.stdout
+
+
+def test_merge_seeds(demo_run, tmp_path):
+    work, r = demo_run
+    s = json.loads((work / "run" / "summary.json").read_text())
+    files = []
+    for seed, delta in ((1, 0.0), (2, 0.01), (3, 0.02)):
+        f = tmp_path / f"s{seed}.json"
+        f.write_text(json.dumps(dict(s, seed=seed, val_bpb=s["val_bpb"] + delta)))
+        files.append(str(f))
+    out = tmp_path / "submission.json"
+    r2 = run([str(ROOT / "train_gpt.py"), "merge", str(out), *files], cwd=tmp_path)
+    assert r2.returncode == 0, r2.stderr
+    sub = json.loads(out.read_text())
+    assert sub["val_bpb"] == pytest.approx(s["val_bpb"] + 0.01, abs=1e-6)
+    assert sub["val_bpb_std"] == pytest.approx(0.01, abs=1e-6) and [x["seed"] for x in sub["seeds"]] == [1, 2, 3]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(dict(s, valid=False)))
+    r3 = run([str(ROOT / "train_gpt.py"), "merge", str(out), str(bad)], cwd=tmp_path)
+    assert r3.returncode != 0 and "not a valid result" in r3.stderr
+
+
+def test_cpu_refuses_record_config(tmp_path):
+    r = run([str(ROOT / "train_gpt.py")], cwd=tmp_path, env=dict(CUDA_VISIBLE_DEVICES="", PHASED_TTT_ENABLED="1"))
+    assert r.returncode != 0
+    assert "no CUDA GPU" in r.stderr and "RUN_PRESET=tiny" in r.stderr
+
+
+def test_missing_data_is_named(tmp_path):
+    r = run([str(ROOT / "train_gpt.py")], cwd=tmp_path, env=dict(RUN_PRESET="tiny", DATA_PATH=str(tmp_path / "nope")))
+    assert r.returncode != 0
+    assert str(tmp_path / "nope") in r.stderr and "prepare_caseops_data.py" in r.stderr
