@@ -180,3 +180,19 @@ def test_two_ranks_share_the_queue_and_stay_in_sync():
     for out in (q.get(), q.get()):
         for n, nb, diff in out:
             assert n == len(tokens) - 1 and nb == nbytes[1:].sum() and diff == 0.0
+
+
+def test_adapter_compaction_is_exact(trained, monkeypatch):
+    """Dropping the adapters of finished documents (and their AdamW state) changes no score."""
+    tokens, nbytes = val_stream(seed=5, n_docs=10, mean_len=80)
+    cfg = tiny_cfg(PHASED_TTT_PREFIX_DOCS=0, TTT_BATCH_DOCS=10, TTT_LORA_LR=0.01)
+    results, calls = [], []
+    for on in (True, False):
+        m = model_from(trained, cfg)
+        m.looping = True
+        monkeypatch.setattr(T.TTT, "compact_adapters", on)
+        compact = T.TTT.compact
+        monkeypatch.setattr(T.TTT, "compact", lambda self, *a: calls.append(len(a[2])) or compact(self, *a))
+        torch.manual_seed(1)  # the adapters' random init
+        results.append(T.ttt_eval(m, T.Scorer(m, tokens, nbytes, CPU.device), tokens, cfg, CPU, float("inf"))[0])
+    assert len(calls) >= 2 and results[0] == results[1], (calls, results)
