@@ -222,3 +222,54 @@ def test_config_typo_and_bad_values():
     with pytest.raises(SystemExit, match="RUN_PRESET"):
         T.Config({"RUN_PRESET": "huge"})
     assert T.Config({"RUN_PRESET": "tiny", "MODEL_DIM": "32"}).model_dim == 32
+
+
+def _train_worker(rank, world, port, data, accum, q):
+    import os
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    cfg = T.Config(dict(TINY, DATA_PATH=data, ITERATIONS="6", WARMUP_STEPS="1", GRAD_ACCUM_STEPS=str(accum),
+                        MAX_WALLCLOCK_SECONDS="1000", GPTQ_RESERVE_SECONDS="0", TRAIN_LOG_EVERY="1"))
+    torch.manual_seed(0)
+    rt = T.Runtime(rank, world, rank, torch.device("cpu"), rank == 0)
+    rt.log = lambda msg: q.put((rank, msg)) if msg.startswith("step ") and " loss " in msg else None
+    model = T.GPT(cfg)
+    T.Trainer(cfg, rt, model).run({})
+    q.put((rank, torch.cat([p.detach().flatten() for p in model.parameters()]).numpy().copy()))  # by value
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _spawn_training(world, accum, data):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_train_worker, args=(r, world, port, data, accum, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out = []
+    while len([o for o in out if not isinstance(o[1], str)]) < world:
+        out.append(q.get())
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * world
+    losses = [float(m.split(" loss ")[1].split()[0]) for r, m in out if r == 0 and isinstance(m, str)]
+    weights = [torch.from_numpy(w) for _, w in sorted(((r, w) for r, w in out if not isinstance(w, str)), key=lambda o: o[0])]
+    return losses, weights
+
+
+def test_two_ranks_train_like_one_with_accumulation(tiny_data):
+    """world 2 x 1 micro-step (gloo: Muon reduce-scatter / all-gather, AdamW all-reduce, the agreed wallclock)
+    follows the loss curve of world 1 x 2 micro-steps, and both ranks end with identical weights."""
+    one, (w1,) = _spawn_training(1, 2, str(tiny_data))
+    two, (wa, wb) = _spawn_training(2, 1, str(tiny_data))
+    assert len(one) == len(two) == 6
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-4, (one, two)
+    assert torch.equal(wa, wb) and (wa - w1).abs().max() < 1e-4
