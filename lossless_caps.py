@@ -23,14 +23,18 @@ character its own bytes; for a character that falls back to byte pieces the
 last byte piece carries the whole character.  :class:`PieceByteCounter` does
 this with a vectorised fast path that is exact whenever the tokenizer's
 normalizer only collapses whitespace (checked per document) and falls back to
-the offset mapping otherwise.  Only sentencepiece's plain Python API is used
-(no protobuf, no ``encode_as_immutable_proto``).
+the offset mapping otherwise.  For a text of "plain" characters that check
+needs no call to the normalizer: :func:`plain_characters` reads the model's
+normalization rules and proves it per character, and
+:meth:`PieceByteCounter.encode_originals` then tokenizes untransformed texts
+word by word without applying the transform to the whole text.  Only
+sentencepiece's plain Python API is used (no protobuf, no
+``encode_as_immutable_proto``; the model file is read by hand).
 """
 
 from __future__ import annotations
 
 import itertools
-import operator
 import re
 from typing import Sequence
 
@@ -258,11 +262,173 @@ for _c in range(0x3001):
 del _c
 
 
-def _lookup(d: dict, keys: list) -> np.ndarray:
-    """np.array([d[k] for k in keys]) at C speed."""
-    if len(keys) < 2:
-        return np.array([d[k] for k in keys], dtype=np.int64)
-    return np.array(operator.itemgetter(*keys)(d), dtype=np.int64)
+# --------------------------------------------------------------------------
+# the tokenizer's normalizer, read from the model file (no protobuf)
+# --------------------------------------------------------------------------
+
+def _proto_fields(buf: bytes):
+    """(field number, value) of each field of a serialized protobuf message;
+    varints as int, everything else as bytes."""
+    i, n = 0, len(buf)
+
+    def varint():
+        nonlocal i
+        shift = value = 0
+        while True:
+            b = buf[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            if b < 0x80:
+                return value
+            shift += 7
+
+    while i < n:
+        key = varint()
+        wire = key & 7
+        if wire == 0:
+            value = varint()
+        elif wire == 2:
+            size = varint()
+            value = buf[i:i + size]
+            i += size
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value = buf[i:i + size]
+            i += size
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield key >> 3, value
+
+
+# sentencepiece_model.proto: ModelProto.pieces = 1 (SentencePiece.piece = 1,
+# .type = 3, USER_DEFINED = 4), .trainer_spec = 2 (treat_whitespace_as_suffix
+# = 24), .normalizer_spec = 3 (precompiled_charsmap = 2, add_dummy_prefix = 3,
+# remove_extra_whitespaces = 4, escape_whitespaces = 5; the bools default true)
+def _read_model(proto: bytes):
+    user_defined, trainer, normalizer = [], {}, {}
+    for num, value in _proto_fields(proto):
+        if num == 1:
+            piece = dict(_proto_fields(value))
+            if piece.get(3, 1) == 4:
+                user_defined.append(piece[1].decode("utf-8"))
+        elif num == 2:
+            trainer.update(_proto_fields(value))
+        elif num == 3:
+            normalizer.update(_proto_fields(value))
+    return user_defined, trainer, normalizer
+
+
+def _unit_offset(u):
+    """Children base of a darts-clone double-array unit (vectorised)."""
+    return (u >> 10) << ((u & (1 << 9)) >> 6)
+
+
+_LABEL_MASK = (1 << 31) | 0xFF
+
+
+def _utf8_char_len(lead: int) -> int:
+    return 1 if lead < 0x80 else 2 if 0xC2 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if 0xF0 <= lead < 0xF5 else 0
+
+
+def plain_characters(model_proto: bytes) -> np.ndarray | None:
+    """Which BMP characters the tokenizer's normalizer provably leaves alone.
+
+    Returns a boolean table over U+0000..U+FFFF such that every text made only
+    of table characters, not all whitespace, normalizes to
+    ``"▁".join(text.split())`` (behind the dummy "▁" if the model adds one):
+    non-whitespace characters stay as they are and every whitespace run
+    (``str.isspace``) becomes one "▁".  None when
+    the model's whitespace options are not the ones this relies on
+    (remove_extra_whitespaces, escape_whitespaces, whitespace as prefix).
+
+    Why it holds.  SentencePiece's normalizer (normalizer.cc) walks the text
+    and at each position emits either a user-defined symbol that starts there
+    (unchanged), or the replacement of the longest key of its charsmap trie
+    (``precompiled_charsmap``, a darts-clone double array) that prefixes the
+    rest of the text, or else the next character unchanged; replacements " "
+    become "▁", leading, trailing and repeated spaces are dropped.  A table
+    character c is no proper prefix of a user-defined symbol, no key ends
+    inside its UTF-8 bytes, and no key extends c by (a prefix of) another
+    table character: every character that follows some character in a key is
+    left out of the table.  So the longest match at c is c itself or nothing,
+    and the table keeps only characters whose own replacement is c (non-space)
+    or " " (space).
+    """
+    user_defined, trainer, spec = _read_model(model_proto)
+    if not (spec.get(4, 1) and spec.get(5, 1)) or trainer.get(24, 0):
+        return None
+    cp = np.arange(0x10000, dtype=np.int64)
+    ok = (cp < 0xD800) | (cp > 0xDFFF)
+    ok[ord(META)] = False
+    n_bytes = 1 + (cp >= 0x80) + (cp >= 0x800)
+    utf8 = np.stack([np.where(n_bytes == 1, cp, np.where(n_bytes == 2, 0xC0 | (cp >> 6), 0xE0 | (cp >> 12))),
+                     np.where(n_bytes == 2, 0x80 | (cp & 0x3F), 0x80 | ((cp >> 6) & 0x3F)),
+                     0x80 | (cp & 0x3F)], axis=1)
+    replaced: dict[int, str] = {}  # characters that are keys of the trie -> their replacement
+    charsmap = spec.get(2, b"")
+    if charsmap:
+        size = int.from_bytes(charsmap[:4], "little")
+        units = np.frombuffer(charsmap[4:4 + size], dtype="<u4").astype(np.int64)
+        strings = charsmap[4 + size:]
+        n_units = len(units)
+
+        def child(base, label):
+            """Unit index of the child ``label`` of nodes with children base ``base`` (-1: none)."""
+            pos = base ^ label
+            inside = (base >= 0) & (pos < n_units)
+            unit = units[np.where(inside, pos, 0)]
+            return np.where(inside & ((unit & _LABEL_MASK) == label), pos, -1), unit
+
+        # walk every character's UTF-8 bytes down the trie
+        base = np.full(len(cp), int(_unit_offset(units[0])))
+        for j in range(3):
+            pos, unit = child(np.where(n_bytes > j, base, -1), utf8[:, j])
+            has_leaf = (pos >= 0) & ((unit >> 8) & 1 == 1)
+            ok &= ~(has_leaf & (n_bytes > j + 1))  # a key ending inside the character
+            base = np.where(n_bytes > j, np.where(pos >= 0, pos ^ _unit_offset(unit), -1), base)
+            for c in np.flatnonzero(has_leaf & (n_bytes == j + 1)).tolist():
+                v = int(units[base[c]] & 0x7FFFFFFF)
+                replaced[c] = strings[v:strings.index(b"\0", v)].decode("utf-8")
+        # characters that continue a key: breadth-first through the (few) nodes below a character
+        frontier, paths = base[base >= 0], [b""] * int((base >= 0).sum())
+        for _ in range(3):
+            next_frontier, next_paths = [], []
+            for label in range(1, 256):
+                pos, unit = child(frontier, label)
+                for k in np.flatnonzero(pos >= 0).tolist():
+                    path = paths[k] + bytes([label])
+                    want = _utf8_char_len(path[0])
+                    if want == 0 or want == 4 or any(b & 0xC0 != 0x80 for b in path[1:]):
+                        continue  # no BMP character's UTF-8 starts like this
+                    if len(path) == want:
+                        ok[ord(path.decode("utf-8"))] = False  # follows another character in a key
+                        continue
+                    if (unit[k] >> 8) & 1:  # a key ending inside a character: all that start so
+                        ok &= ~((n_bytes == want) & np.all(utf8[:, :len(path)] == list(path), axis=1))
+                    next_frontier.append(int(pos[k] ^ _unit_offset(unit[k])))
+                    next_paths.append(path)
+            frontier, paths = np.array(next_frontier, dtype=np.int64), next_paths
+            if not next_paths:
+                break
+    single_symbols = set()
+    for sym in user_defined:
+        if len(sym) > 1 and ord(sym[0]) < 0x10000:
+            ok[ord(sym[0])] = False
+        elif len(sym) == 1:
+            single_symbols.add(sym)
+    for c in np.flatnonzero(ok).tolist():
+        ch = chr(c)
+        out = ch if ch in single_symbols else replaced.get(c, ch)
+        if out != (" " if ch.isspace() else ch):
+            ok[c] = False
+    return ok
+
+
+def _outside(mask: np.ndarray) -> re.Pattern:
+    """A regex matching one character that is not in ``mask`` (a table over the BMP)."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    ranges = "".join(f"\\u{lo:04x}-\\u{hi - 1:04x}" for lo, hi in zip(edges[::2].tolist(), edges[1::2].tolist()))
+    return re.compile(f"[^{ranges}]" if ranges else "(?s:.)")
 
 
 class PieceByteCounter:
@@ -309,6 +475,19 @@ class PieceByteCounter:
         odd = [c for c in map(chr, range(0x110000)) if c.isspace()
                and sp.normalize("a" + c + "b") != pre + "a" + META + "b"]
         self._odd_ws = re.compile("[" + re.escape("".join(odd)) + "]") if odd else None
+        # texts made of "plain" characters provably normalize to "▁".join(text.split()),
+        # so they need no sp.normalize call to be tokenized word by word
+        plain = plain_characters(sp.serialized_model_proto())
+        self._not_plain = None if plain is None else _outside(plain)
+        # originals whose CaseOps form is plain: plain characters and A-Z, when the
+        # letters a-z and the operators the transform writes are plain themselves
+        self._not_plain_original = self._not_plain
+        if caseops and plain is not None:
+            self._not_plain_original = None
+            if all(plain[ord(c)] for c in "abcdefghijklmnopqrstuvwxyz" + "".join(OPERATORS)):
+                plain = plain.copy()
+                plain[ord("A"):ord("Z") + 1] = True
+                self._not_plain_original = _outside(plain)
         self.fast_docs = 0
         self.slow_docs = 0
         self._init_word_cache()
@@ -343,8 +522,10 @@ class PieceByteCounter:
         tokens are the concatenation of its words' tokens."""
         sp = self.sp
         self._wc_ok = False
-        self._wdict: dict[str, int] = {}  # word -> entry, for "▁" + word
-        self._fdict: dict[str, int] = {}  # word -> entry, for a document's first word
+        # word -> entry: for "▁" + word, and for a document's first word (no "▁"
+        # unless the model adds a dummy prefix); "transformed" words are the
+        # texts' own words, "original" ones words before the CaseOps transform
+        self._dicts = {(False, False): {}, (False, True): {}, (True, False): {}, (True, True): {}}
         self._wstart = np.zeros(1 << 16, dtype=np.int64)
         self._wlen = np.zeros(1 << 16, dtype=np.int64)
         self._wtok = np.zeros(1 << 18, dtype=np.int64)
@@ -367,12 +548,20 @@ class PieceByteCounter:
 
     _WC_MAX_WORDS = 1 << 19
 
+    def _word_dicts(self, originals: bool) -> tuple[dict, dict]:
+        """(dict for later words, dict for first words); one dict with a dummy prefix."""
+        first = not self.dummy_prefix
+        return self._dicts[(originals, False)], self._dicts[(originals, first)]
+
     def _cache_reset(self) -> None:
-        self._wdict.clear()
-        self._fdict.clear()
+        for d in self._dicts.values():
+            d.clear()
         self._nw = self._nt = 0
 
-    def _cache_add(self, words: list[str], first: bool) -> None:
+    def _cache_add(self, keys: list[str], first: bool, originals: bool) -> None:
+        """Tokenize new words (the CaseOps form of ``keys`` if ``originals``) into the cache."""
+        words = [encode(k) for k in keys] if originals else keys
+        d = self._word_dicts(originals)[1 if first else 0]
         bare = first and not self.dummy_prefix
         if not bare and words:
             # all new words in one call: "a w1 w2 ..." -> [a] + tokens(▁w1) + tokens(▁w2) + ...;
@@ -382,7 +571,7 @@ class PieceByteCounter:
             if len(flat) and flat[0] == self._sentinel and len(heads) == len(words) and heads[0] == 1 \
                     and self._meta[flat].max() == 1:
                 lens = np.diff(np.concatenate([heads, [len(flat)]]))
-                self._cache_store(words, lens, flat[1:], bare)
+                self._cache_store(keys, lens, flat[1:], d)
                 return
         lists = self.sp.encode(words if bare else ["a " + w for w in words], num_threads=self.num_threads)
         lens = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
@@ -395,10 +584,10 @@ class PieceByteCounter:
             keep[heads] = False
             flat = flat[keep]
             lens = lens - 1
-        self._cache_store(words, lens, flat, bare)
+        self._cache_store(keys, lens, flat, d)
 
-    def _cache_store(self, words, lens, flat, bare) -> None:
-        nw, nt = self._nw + len(words), self._nt + len(flat)
+    def _cache_store(self, keys, lens, flat, d: dict) -> None:
+        nw, nt = self._nw + len(keys), self._nt + len(flat)
         while nw > len(self._wstart):
             self._wstart = np.concatenate([self._wstart, np.zeros_like(self._wstart)])
             self._wlen = np.concatenate([self._wlen, np.zeros_like(self._wlen)])
@@ -407,68 +596,107 @@ class PieceByteCounter:
         self._wstart[self._nw:nw] = self._nt + np.concatenate([[0], np.cumsum(lens)[:-1]]) if len(lens) else 0
         self._wlen[self._nw:nw] = lens
         self._wtok[self._nt:nt] = flat
-        d = self._fdict if bare else self._wdict
-        d.update(zip(words, range(self._nw, nw)))
+        d.update(zip(keys, range(self._nw, nw)))
         self._nw, self._nt = nw, nt
+
+    def _cached_ids(self, word_lists: list[list[str]], originals: bool = False):
+        """Ids (concatenated) and token counts of documents given as their
+        (non-empty) lists of words, through the word cache.  The caller has
+        established that each document normalizes to "▁".join(words)."""
+        if not word_lists:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        wd, fd = self._word_dicts(originals)
+        words = list(itertools.chain.from_iterable(word_lists))
+        n_words = np.fromiter(map(len, word_lists), dtype=np.int64, count=len(word_lists))
+        first_pos = np.concatenate([[0], np.cumsum(n_words)[:-1]])
+        idx = np.fromiter(map(wd.get, words, itertools.repeat(-1)), dtype=np.int64, count=len(words))
+        if fd is not wd:
+            idx[first_pos] = np.fromiter(map(fd.get, (p[0] for p in word_lists), itertools.repeat(-1)),
+                                         dtype=np.int64, count=len(word_lists))
+        missing = np.flatnonzero(idx < 0)
+        if missing.size:
+            is_first = np.zeros(len(words), dtype=bool)
+            if fd is not wd:
+                is_first[first_pos] = True
+            miss_first = is_first[missing]
+            new_rest = set(map(words.__getitem__, missing[~miss_first].tolist()))
+            new_first = set(map(words.__getitem__, missing[miss_first].tolist()))
+            if self._nw and self._nw + len(new_rest) + len(new_first) > self._WC_MAX_WORDS:
+                self._cache_reset()  # bound the memory; results do not depend on the cache
+                return self._cached_ids(word_lists, originals)
+            if new_rest:
+                self._cache_add(list(new_rest), first=False, originals=originals)
+            if new_first:
+                self._cache_add(list(new_first), first=True, originals=originals)
+            for d, pos in ((wd, missing[~miss_first]), (fd, missing[miss_first])):
+                idx[pos] = np.fromiter(map(d.__getitem__, map(words.__getitem__, pos.tolist())),
+                                       dtype=np.int64, count=len(pos))
+        wl = self._wlen[idx]
+        ws = self._wstart[idx]
+        gather = np.repeat(ws - (np.cumsum(wl) - wl), wl) + np.arange(int(wl.sum()))
+        lengths = np.add.reduceat(wl, first_pos)
+        return self._wtok[gather], lengths
+
+    @staticmethod
+    def _merge(n: int, parts) -> tuple[np.ndarray, np.ndarray]:
+        """Interleave ``(doc_indices, ids, lengths)`` groups back into document order."""
+        lengths = np.zeros(n, dtype=np.int64)
+        for docs, _, lens in parts:
+            lengths[docs] = lens
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        ids = np.zeros(int(starts[-1]), dtype=np.int64)
+        for docs, part_ids, lens in parts:
+            if len(part_ids):
+                ids[np.repeat(starts[docs] - (np.cumsum(lens) - lens), lens) + np.arange(len(part_ids))] = part_ids
+        return ids, lengths
+
+    def _ids(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Ids and token counts of (transformed) texts.  A text's normalized
+        form is known without asking the normalizer when the text is plain;
+        when that form splits at its "▁"s into non-empty plain words, the
+        text is tokenized word by word through the cache (SentencePiece
+        tokenizes a plain word the same in any plain context), otherwise by
+        SentencePiece itself."""
+        if not (self._wc_ok and self._not_plain is not None):
+            return self._tokenize(texts, np.zeros(len(texts), dtype=bool), None)
+        not_plain = self._not_plain.search
+        dummy = 1 if self.dummy_prefix else 0
+        cached, word_lists, direct = [], [], []
+        for k, t in enumerate(texts):
+            if not_plain(t) is None:
+                words = t.split()
+            else:
+                body = self.sp.normalize(t)[dummy:]
+                words = None
+                if body and not body.startswith(META) and not body.endswith(META) and META + META not in body \
+                        and not_plain(body.replace(META, " ")) is None:
+                    words = body.split(META)
+            if words:
+                cached.append(k)
+                word_lists.append(words)
+            else:
+                direct.append(k)
+        groups = [(np.array(cached, dtype=np.int64), *self._cached_ids(word_lists))]
+        if direct:
+            arrs = self.sp.encode([texts[k] for k in direct], out_type="numpy", num_threads=self.num_threads)
+            lens = np.fromiter(map(len, arrs), dtype=np.int64, count=len(arrs))
+            groups.append((np.array(direct, dtype=np.int64), np.concatenate(arrs).astype(np.int64), lens))
+        return self._merge(len(texts), groups)
 
     def _tokenize(self, texts, simple, parts_of):
         """Token ids of all documents (concatenated) and per-document counts."""
         n = len(texts)
-        lengths = np.zeros(n, dtype=np.int64)
         use_cache = self._wc_ok and bool(simple.any())
         direct = [k for k in range(n) if not (use_cache and simple[k])]
-        direct_arrs = self.sp.encode([texts[k] for k in direct], out_type="numpy",
-                                     num_threads=self.num_threads) if direct else []
-        if not use_cache:
-            for k, a in zip(direct, direct_arrs):
-                lengths[k] = len(a)
-            ids = np.concatenate(direct_arrs).astype(np.int64) if direct_arrs else np.zeros(0, np.int64)
-            return ids, lengths
-        cached = np.flatnonzero(simple)
-        plist = [parts_of[k] for k in cached.tolist()]
-        firsts = [p[0] for p in plist]
-        rest = [w for p in plist for w in p[1:]]
-        fd = self._wdict if self.dummy_prefix else self._fdict
-        new_rest = set(rest).difference(self._wdict)
-        new_first = set(firsts).difference(fd)
-        if self._nw + len(new_rest) + len(new_first) > self._WC_MAX_WORDS:
-            self._cache_reset()  # bound the memory; results do not depend on the cache
-            new_rest, new_first = set(rest), set(firsts)
-        if new_rest:
-            self._cache_add(list(new_rest), first=False)
-        new_first.difference_update(fd)  # with a dummy prefix both forms share one dict
-        if new_first:
-            self._cache_add(list(new_first), first=True)
-        n_words = np.fromiter((len(p) for p in plist), dtype=np.int64, count=len(plist))
-        widx = np.empty(int(n_words.sum()), dtype=np.int64)
-        first_pos = np.concatenate([[0], np.cumsum(n_words)[:-1]])
-        is_first = np.zeros(len(widx), dtype=bool)
-        is_first[first_pos] = True
-        widx[first_pos] = _lookup(fd, firsts)
-        widx[~is_first] = _lookup(self._wdict, rest)
-        wl = self._wlen[widx]
-        ws = self._wstart[widx]
-        total = int(wl.sum())
-        gather = np.repeat(ws - (np.cumsum(wl) - wl), wl) + np.arange(total)
-        cached_ids = self._wtok[gather]
-        doc_of_word = np.repeat(np.arange(len(plist)), n_words)
-        lengths[cached] = np.bincount(doc_of_word, weights=wl, minlength=len(plist)).astype(np.int64)
-        if not direct:
-            return cached_ids, lengths
-        for k, a in zip(direct, direct_arrs):
-            lengths[k] = len(a)
-        pieces = []
-        cpos = 0
-        di = 0
-        for k in range(n):
-            if simple[k]:
-                m = int(lengths[k])
-                pieces.append(cached_ids[cpos:cpos + m])
-                cpos += m
-            else:
-                pieces.append(direct_arrs[di].astype(np.int64))
-                di += 1
-        return np.concatenate(pieces), lengths
+        parts = []
+        if direct:
+            arrs = self.sp.encode([texts[k] for k in direct], out_type="numpy", num_threads=self.num_threads)
+            lens = np.fromiter(map(len, arrs), dtype=np.int64, count=len(arrs))
+            parts.append((np.array(direct, dtype=np.int64), np.concatenate(arrs).astype(np.int64), lens))
+        if use_cache:
+            cached = np.flatnonzero(simple)
+            parts.append((cached, *self._cached_ids([parts_of[k] for k in cached.tolist()])))
+        return self._merge(n, parts)
 
     # -- batch ----------------------------------------------------------------
     def encode_docs(self, texts: Sequence[str], with_bytes: bool = True):
@@ -478,33 +706,36 @@ class PieceByteCounter:
         if n == 0:
             z = np.zeros(0, dtype=np.int64)
             return z, z.copy(), (z.copy() if with_bytes else None)
+        if not with_bytes:
+            return (*self._ids(texts), None)
         dummy = 1 if self.dummy_prefix else 0
         prefix = META * dummy
 
         # 1. "simple" documents: the normalized form is the text with every
-        #    whitespace run (as str.split sees it) replaced by one "▁".  They
-        #    are tokenized word by word through a cache and priced by table.
+        #    whitespace run (as str.split sees it) replaced by one "▁" (known
+        #    for texts of plain characters, asked of the normalizer otherwise).
+        #    They are tokenized word by word through a cache and priced by table.
         simple = np.zeros(n, dtype=bool)
         parts_of: list = [None] * n
         n_runs = np.zeros(n, dtype=np.int64)
         irregular: list[int] = []
         for k, t in enumerate(texts):
-            if META in t or (self._odd_ws is not None and self._odd_ws.search(t)):
-                continue
-            parts = t.split()
-            if not parts:
-                continue
-            joined = META.join(parts)
-            if sp.normalize(t) != prefix + joined:
-                continue
+            if self._not_plain is None or self._not_plain.search(t) is not None:
+                if META in t or (self._odd_ws is not None and self._odd_ws.search(t)):
+                    continue
+                parts = t.split()
+                if not parts or sp.normalize(t) != prefix + META.join(parts):
+                    continue
+            else:
+                parts = t.split()
+                if not parts:
+                    continue
             simple[k] = True
             parts_of[k] = parts
             n_runs[k] = len(parts) - 1 + dummy
-            if not (len(joined) == len(t) and t.isascii()):
+            if not (t.isascii() and len(t) == len(parts) - 1 + sum(map(len, parts))):
                 irregular.append(k)  # some whitespace run is longer than one byte
         ids, lengths = self._tokenize(texts, simple, parts_of)
-        if not with_bytes:
-            return ids, lengths, None
         starts = np.concatenate([[0], np.cumsum(lengths)])
         fast = simple & (lengths > 0)
         if self.caseops:
@@ -577,6 +808,35 @@ class PieceByteCounter:
             c[starts[k]:starts[k + 1]] = cc
             self.slow_docs += 1
         return ids, lengths, c
+
+    def encode_originals(self, texts: Sequence[str], with_bytes: bool = True):
+        """``encode_docs`` of the CaseOps forms of ``texts`` (with ``caseops``
+        False: of the texts themselves).
+
+        Without bytes, a text of plain characters (and A-Z) skips the
+        transform and the normalizer: the CaseOps form of its words is the
+        list of words of its CaseOps form (the transform keeps whitespace and
+        works within runs of letters), and the cache holds each original word
+        with the tokens of its CaseOps form.
+        """
+        if not self.caseops:
+            return self.encode_docs(texts, with_bytes)
+        texts = list(texts)
+        if with_bytes or self._not_plain_original is None or not self._wc_ok:
+            return self.encode_docs([encode(t) for t in texts], with_bytes)
+        plain, word_lists, other = [], [], []
+        for k, t in enumerate(texts):
+            words = t.split() if self._not_plain_original.search(t) is None else None
+            if words:
+                plain.append(k)
+                word_lists.append(words)
+            else:
+                other.append(k)
+        groups = [(np.array(plain, dtype=np.int64), *self._cached_ids(word_lists, originals=True))]
+        if other:
+            groups.append((np.array(other, dtype=np.int64), *self._ids([encode(texts[k]) for k in other])))
+        ids, lengths = self._merge(len(texts), groups)
+        return ids, lengths, None
 
 
 def operator_ids(sp) -> dict[str, int]:

@@ -240,7 +240,8 @@ class DocsFile:
         else:
             self.stream = buffered
 
-    def blobs(self, chunk_bytes: int = CHUNK_BYTES):
+    def blobs(self, chunk_bytes: int | None = None):
+        chunk_bytes = chunk_bytes or CHUNK_BYTES
         line = 1
         rest = b""
         while True:
@@ -370,7 +371,6 @@ _W: dict = {}
 def _init_worker(model_bytes: bytes, caseops: bool, label: str) -> None:
     sp = load_sp(model_bytes)
     _W["counter"] = lossless_caps.PieceByteCounter(sp, caseops=caseops, num_threads=1)
-    _W["caseops"] = caseops
     _W["label"] = label
 
 
@@ -395,9 +395,7 @@ def _process(task):
         except UnicodeEncodeError as e:
             raise DataError(f"{label}:{line_nos[i]}: \"text\" is not valid Unicode ({e.reason} at "
                             f"character {e.start}: a lone surrogate escape?)") from None
-    if _W["caseops"]:
-        texts = [lossless_caps.encode(t) for t in texts]
-    ids, lengths, counts = _W["counter"].encode_docs(texts, with_bytes=need_bytes)
+    ids, lengths, counts = _W["counter"].encode_originals(texts, with_bytes=need_bytes)
     n_lines = blob.count(b"\n") + (0 if blob.endswith(b"\n") else 1)
     keep = lengths > 0  # a document the normalizer reduces to nothing has no tokens
     n_no_tokens = int((~keep).sum())
@@ -449,6 +447,10 @@ class OrderedPool:
             if not pending:
                 return
             yield pending.popleft().get()
+
+    def run(self, task):
+        """One task, now (to redo a result)."""
+        return _process(task) if self.pool is None else self.pool.apply(_process, (task,))
 
     def close(self, terminate: bool = False):
         if self.pool is not None:
@@ -614,13 +616,22 @@ def build_dataset(docs, out, *, sp_model=None, vocab_size=None, val_docs=DEFAULT
     last_report = time.time()
     in_bytes = 0
     state = {"val_done": False}
+    sent = collections.deque()  # tasks whose results are still to come
 
     def tasks():
+        # val byte counts are needed while the documents before a blob may be
+        # fewer than val_docs: at most its first line number - 1, less the empty
+        # documents seen so far (a wrong guess is redone below)
         for first_line, blob in df.blobs():
-            yield first_line, blob, not state["val_done"]
+            need = not state["val_done"] and first_line - 1 - counts["empty_docs_skipped"] < val_docs
+            sent.append((first_line, blob, need))
+            yield sent[-1]
 
     try:
         for res in pool.imap(tasks()):
+            task = sent.popleft()
+            if res["counts"] is None and not state["val_done"] and len(res["lengths"]):
+                res = pool.run((task[0], task[1], True))  # holds val documents after all
             counts["lines"] += res["n_lines"]
             counts["empty_docs_skipped"] += res["n_empty"]
             n = len(res["lengths"])

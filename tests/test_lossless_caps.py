@@ -4,6 +4,7 @@ import io
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
@@ -322,3 +323,176 @@ def test_reference_tokenizer_examples():
     assert counts[:3].tolist() == [0, 1, 3]  # "▁c" has surface "\n\nc"
     assert pieces[-3:] == ["<0xE6>", "<0x9D>", "<0xB1>"] and counts[-3:].tolist() == [0, 0, 3]
     _check_doc(c, "1½ cups", "1½ cups")
+
+
+# --------------------------------------------------------------------------
+# plain characters: texts the normalizer provably leaves alone take the
+# word-cache path without sp.normalize (and originals without the transform)
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sp_rules(tmp_path_factory):
+    """A model with custom normalization rules: a two-character key ("ab" -> "x"),
+    a replacement with a space ("c" -> "d d"), a combining sequence, no
+    whitespace rules (a tab stays a tab), and a two-character user-defined symbol."""
+    import pydoc_data.topics
+    import sentencepiece as spm
+
+    rules = tmp_path_factory.mktemp("rules") / "rules.tsv"
+    rules.write_text("61 62\t78\n63\t64 20 64\n65 301\tE9\n")
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(pydoc_data.topics.topics.values())[:50]), model_writer=out, model_type="bpe",
+        vocab_size=400, normalization_rule_tsv=str(rules), add_dummy_prefix=False, byte_fallback=True,
+        character_coverage=0.99, user_defined_symbols=["<br>", TITLE], minloglevel=2)
+    return spm.SentencePieceProcessor(model_proto=out.getvalue())
+
+
+def _predicted(sp, s):
+    if not s.split():
+        return ""  # nothing but whitespace: nothing, not even the dummy prefix
+    return ("\u2581" if sp.normalize("a").startswith("\u2581") else "") + "\u2581".join(s.split())
+
+
+_PLAIN_TABLES: dict = {}
+
+
+def _plain(sp):
+    key = sp.serialized_model_proto()
+    if key not in _PLAIN_TABLES:
+        _PLAIN_TABLES[key] = lc.plain_characters(key)
+    return _PLAIN_TABLES[key]
+
+
+def test_plain_characters_examples(sp_caseops, sp_plain, sp_rules):
+    for sp in (sp_caseops, sp_plain):
+        table = _plain(sp)
+        for c in "aZ09 \t\n\r\u00a0\u3000.,'\"é東’—" + "".join(lc.OPERATORS):
+            assert table[ord(c)], repr(c)
+        # NFKC-changed, dropped or odd whitespace, "▁" itself, combining marks, surrogates
+        for c in "½ﬁ…²\x1f\x0b\x85\x01\u2581\u0301\ufb01\uff21\ud800":
+            assert not table[ord(c)], repr(c)
+    table = _plain(sp_rules)
+    assert table[ord("a")] and table[ord("d")] and table[ord(">")] and table[ord(TITLE)]
+    assert not table[ord("b")]  # follows "a" in the key "ab"
+    assert not table[ord("c")]  # replaced by "d d"
+    assert not table[ord("<")]  # starts the user-defined symbol "<br>"
+    assert not table[ord("\t")]  # whitespace these rules do not turn into a space
+    assert not table[0x301]
+
+
+def test_plain_characters_each_in_context(sp_caseops, sp_plain, sp_rules):
+    """Every plain character, alone, doubled and between others, normalizes as predicted."""
+    for sp in (sp_caseops, sp_plain, sp_rules):
+        table = _plain(sp)
+        for c in map(chr, np.flatnonzero(table).tolist()):
+            for s in ("a" + c + "d", c + c + "9", c + " a" + c):
+                assert sp.normalize(s) == _predicted(sp, s), (hex(ord(c)), s)
+
+
+_plain_probe = st.lists(st.one_of(_fragments, st.characters(max_codepoint=0xFFFF),
+                                  st.sampled_from(["ab", "c", "<br>", "<", "\u00bd", "\u2581\u2581"])),
+                        max_size=25).map("".join)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_plain_probe)
+@example("a\u0301 é\t\r\n\u00a0x")
+@example("<br> ab\tc")
+def test_plain_texts_normalize_as_predicted(sp_caseops, sp_plain, sp_rules, s):
+    for sp in (sp_caseops, sp_plain, sp_rules):
+        table = _plain(sp)
+        if all(ord(c) < 0x10000 and table[ord(c)] for c in s):
+            assert sp.normalize(s) == _predicted(sp, s)
+
+
+def _check_originals(counter, docs):
+    """encode_originals (ids only and with bytes) agrees with SentencePiece and the offset mapping."""
+    enc = [lc.encode(d) for d in docs] if counter.caseops else list(docs)
+    ids, lengths, none = counter.encode_originals(docs, with_bytes=False)
+    assert none is None
+    ids_b, lengths_b, counts = counter.encode_originals(docs, with_bytes=True)
+    assert ids.tolist() == ids_b.tolist() and lengths.tolist() == lengths_b.tolist()
+    ids_e, lengths_e, _ = counter.encode_docs(enc, with_bytes=False)
+    assert ids_e.tolist() == ids.tolist() and lengths_e.tolist() == lengths.tolist()
+    pos = 0
+    for d, e, n in zip(docs, enc, lengths.tolist()):
+        assert ids[pos:pos + n].tolist() == counter.sp.encode(e), repr(d)
+        ref_ids, ref_counts = counter.encode_one(e)
+        assert ids[pos:pos + n].tolist() == ref_ids
+        assert counts[pos:pos + n].tolist() == ref_counts.tolist(), repr(d)
+        pos += n
+    assert pos == len(ids)
+
+
+TRICKY_DOCS = [
+    "Hello World", "NASA's McDonald iPhone   XMLHttp", "½ cup of ﬁne flour", "a\x1fb", "0\x1f\r0 A\x1e\tB",
+    "x\tY\r\nZ  \n\n w", "e\u0301clair Éa", "A\ue001B \ue004\ue004 C\ue002", "\u2581x \u2581\u2581", "a\u3000B\u00a0c",
+    "\x85 after NEL", "wait… what²", "东京 Tokyo 😀 \U00013000", "", "   ", "I", "a\x0bb\x0cC", "x\u200by",
+    "ab c <br>", "don´t", "Ⅻ ＡＢＣ",
+]
+
+
+@pytest.mark.parametrize("kind", ["caseops", "plain"])
+def test_originals_tricky_inputs(counters, kind):
+    _check_originals(counters[kind], TRICKY_DOCS)
+    for d in TRICKY_DOCS:
+        _check_originals(counters[kind], [d])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(texts, st.text(max_size=30)), min_size=1, max_size=10))
+def test_originals_equal_reference(counters, docs):
+    for kind in ("caseops", "plain"):
+        _check_originals(counters[kind], docs)
+
+
+def test_originals_skip_transform_and_normalizer(counters, monkeypatch):
+    """Plain originals take the word path: no sp.normalize, no transform of the document."""
+    c = counters["caseops"]
+    docs = ["The QUICK brown FoX\tjumps over McDonald's  iPhone.", "Tokyo 東京 café, naïve"]
+    assert all(c._not_plain_original.search(d) is None for d in docs)
+    ref = [c.sp.encode(lc.encode(d)) for d in docs]
+    c.encode_originals(docs, with_bytes=False)  # warm the word cache
+
+    calls = []
+    real_encode = lc.encode
+    monkeypatch.setattr(lc, "encode", lambda t: calls.append(t) or real_encode(t))
+
+    class NoNormalize:
+        def __init__(self, sp):
+            self._sp = sp
+
+        def normalize(self, *a, **k):
+            raise AssertionError("sp.normalize called for a plain document")
+
+        def __getattr__(self, name):
+            return getattr(self._sp, name)
+
+    monkeypatch.setattr(c, "sp", NoNormalize(c.sp))
+    ids, lengths, _ = c.encode_originals(docs, with_bytes=False)
+    assert not calls
+    assert ids.tolist() == ref[0] + ref[1] and lengths.tolist() == [len(r) for r in ref]
+
+
+def test_word_cache_stays_bounded(sp_caseops):
+    c = lc.PieceByteCounter(sp_caseops, caseops=True)
+    c._WC_MAX_WORDS = 40
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        docs = [" ".join("".join(rng.choice(list("abcXYZé"), size=rng.integers(1, 6))) for _ in range(15))
+                for _ in range(3)]
+        _check_originals(c, docs)
+        assert c._nw <= 40 + 45 and all(len(d) <= 45 + 40 for d in c._dicts.values())
+
+
+@pytest.mark.skipif(not SHARED_MODEL.is_file(), reason=f"shared tokenizer not found at {SHARED_MODEL}")
+def test_originals_reference_tokenizer():
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(SHARED_MODEL))
+    c = lc.PieceByteCounter(sp)
+    assert c._not_plain_original is not None and c._wc_ok
+    _check_originals(c, TRICKY_DOCS)
+    table = _plain(sp)
+    assert table[ord("é")] and table[ord("’")] and not table[ord("…")] and not table[ord("\x85")]

@@ -211,6 +211,29 @@ def test_output_independent_of_workers(built, docs_file, tok_model, tmp_path):
     assert a["files"] == b["files"]
 
 
+def test_val_bytes_redone_when_empty_documents_delay_val(tmp_path, tok_model, monkeypatch):
+    """Blobs get val byte counts only while they may hold val documents; empty
+    documents still in flight can make that guess wrong: the blob is redone."""
+    docs = [f"Document number {i} with Some words." for i in range(19)] + [""] * 8 + \
+        [f"Later document {i}, also Text." for i in range(12)]
+    f = write_jsonl(tmp_path / "late.jsonl", docs)
+    runs = []
+    real_run = prep.OrderedPool.run
+    monkeypatch.setattr(prep.OrderedPool, "run", lambda self, task: runs.append(task[0]) or real_run(self, task))
+    hashes = {}
+    for chunk, workers in ((1 << 21, 1), (40, 2)):  # one blob; one line per blob, 5 in flight
+        monkeypatch.setattr(prep, "CHUNK_BYTES", chunk)
+        out = tmp_path / f"o{workers}"
+        man = prep.build_dataset(f, out, sp_model=tok_model, val_docs=22, shard_tokens=4000, workers=workers,
+                                 quiet=True)
+        assert man["counts"]["val_docs"] == 22 and man["counts"]["empty_docs_skipped"] == 8
+        assert prep.verify_dataset(out, docs=f, workers=workers, quiet=True) == []
+        hashes[workers] = file_hashes(out)
+    assert runs, "the blobs after the empty documents were expected to be redone"
+    assert set(runs) <= set(range(28, 31))  # the val documents on lines 28..30
+    assert hashes[1] == hashes[2]
+
+
 def test_compressed_inputs(tmp_path, tok_model, built):
     docs = corpus()
     for name, opener in (("d.jsonl.gz", gzip.open), ("d.jsonl.xz", lzma.open)):
