@@ -547,6 +547,7 @@ class PieceByteCounter:
         self._wc_ok = True
 
     _WC_MAX_WORDS = 1 << 19
+    _CHUNK_WORDS = 64
 
     def _word_dicts(self, originals: bool) -> tuple[dict, dict]:
         """(dict for later words, dict for first words); one dict with a dummy prefix."""
@@ -560,19 +561,35 @@ class PieceByteCounter:
 
     def _cache_add(self, keys: list[str], first: bool, originals: bool) -> None:
         """Tokenize new words (the CaseOps form of ``keys`` if ``originals``) into the cache."""
-        words = [encode(k) for k in keys] if originals else keys
+        # words hold no whitespace, and the transform keeps whitespace: one call for all
+        words = encode("\n".join(keys)).split("\n") if originals and keys else keys
         d = self._word_dicts(originals)[1 if first else 0]
         bare = first and not self.dummy_prefix
         if not bare and words:
-            # all new words in one call: "a w1 w2 ..." -> [a] + tokens(▁w1) + tokens(▁w2) + ...;
-            # every word's tokens start with the one piece that holds its "▁"
-            flat = np.asarray(self.sp.encode("a " + " ".join(words)), dtype=np.int64)
-            heads = np.flatnonzero(self._meta[flat] > 0)
-            if len(flat) and flat[0] == self._sentinel and len(heads) == len(words) and heads[0] == 1 \
-                    and self._meta[flat].max() == 1:
-                lens = np.diff(np.concatenate([heads, [len(flat)]]))
-                self._cache_store(keys, lens, flat[1:], d)
+            # a few words per text: "a w1 w2 ..." -> [a] + tokens(▁w1) + tokens(▁w2) + ...; every
+            # word's tokens start with the one piece that holds its "▁" (texts of a few dozen
+            # words tokenize several times faster than one long text); the rest one by one below
+            step = self._CHUNK_WORDS
+            starts = range(0, len(words), step)
+            results = self.sp.encode(["a " + " ".join(words[i:i + step]) for i in starts],
+                                     num_threads=self.num_threads)
+            done_keys, done_lens, done_flat, retry = [], [], [], []
+            for i, res in zip(starts, results):
+                flat = np.asarray(res, dtype=np.int64)
+                n = min(step, len(words) - i)
+                heads = np.flatnonzero(self._meta[flat] > 0)
+                if len(flat) and flat[0] == self._sentinel and len(heads) == n and heads[0] == 1 \
+                        and self._meta[flat].max() == 1:
+                    done_keys += keys[i:i + n]
+                    done_lens.append(np.diff(np.concatenate([heads, [len(flat)]])))
+                    done_flat.append(flat[1:])
+                else:
+                    retry += range(i, i + n)
+            if done_keys:
+                self._cache_store(done_keys, np.concatenate(done_lens), np.concatenate(done_flat), d)
+            if not retry:
                 return
+            keys, words = [keys[i] for i in retry], [words[i] for i in retry]
         lists = self.sp.encode(words if bare else ["a " + w for w in words], num_threads=self.num_threads)
         lens = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
         flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lens.sum()))

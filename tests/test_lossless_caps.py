@@ -496,3 +496,22 @@ def test_originals_reference_tokenizer():
     _check_originals(c, TRICKY_DOCS)
     table = _plain(sp)
     assert table[ord("é")] and table[ord("’")] and not table[ord("…")] and not table[ord("\x85")]
+
+
+def test_cache_add_in_chunks_with_fallback(sp_caseops):
+    """New words are tokenized a few dozen per text; a chunk whose pieces do not
+    line up with its words (here "x´y": NFKC writes "´" as a space and an accent)
+    is redone word by word, and every entry is the word's own tokens."""
+    c = lc.PieceByteCounter(sp_caseops)
+    words = [f"w{i}ord" for i in range(100)] + ["x\u00b4y", "tail", TITLE + "end"]
+    c._cache_add(words, first=False, originals=False)
+    c._cache_add(["First", "iPhone"], first=True, originals=True)
+    d, fd = c._word_dicts(False)[0], c._word_dicts(True)[1]
+
+    def entry(e):
+        return c._wtok[c._wstart[e]:c._wstart[e] + c._wlen[e]].tolist()
+
+    for w in words:
+        assert entry(d[w]) == c.sp.encode("a " + w)[1:], w
+    for w in ("First", "iPhone"):
+        assert entry(fd[w]) == c.sp.encode(lc.encode(w))
