@@ -59,11 +59,11 @@ class CaseOpsError(ValueError):
 # encode
 # --------------------------------------------------------------------------
 
-# Matches start at the first uppercase letter of an ASCII-letter run and run
-# greedily to its end; all-lowercase runs never match and stay untouched.  A
-# match preceded by a (necessarily lowercase) letter is the tail of a mixed
-# word such as "iPhone".
-_UPPER_RUN = re.compile(r"[A-Z][A-Za-z]*")
+# Runs that start at the first uppercase letter of an ASCII-letter run and go
+# greedily to its end (split keeps them: odd items); all-lowercase runs never
+# match and stay untouched.  A run preceded by a (necessarily lowercase) letter
+# is the tail of a mixed word such as "iPhone".
+_UPPER_RUN = re.compile(r"([A-Z][A-Za-z]*)")
 _LITERAL_OPERATOR = re.compile("[\ue001-\ue004]")
 _UPPER_LETTER = re.compile("([A-Z])")
 _WORD_CACHE: dict[str, str] = {}
@@ -81,16 +81,15 @@ def _encode_word(word: str) -> str:
     return head + _UPPER_LETTER.sub(CAPNEXT + r"\1", rest).lower()
 
 
-def _encode_match(m: re.Match) -> str:
-    word = m.group()
-    start = m.start()
-    if start and "a" <= m.string[start - 1] <= "z":  # tail of a word with a lowercase head
-        return _UPPER_LETTER.sub(CAPNEXT + r"\1", word).lower()
-    out = _WORD_CACHE.get(word)
-    if out is None:
-        if len(_WORD_CACHE) >= _WORD_CACHE_MAX:
-            _WORD_CACHE.clear()
-        out = _WORD_CACHE[word] = _encode_word(word)
+def _encode_tail(run: str) -> str:
+    """CaseOps form of the uppercase-led tail of a word with a lowercase head."""
+    return _UPPER_LETTER.sub(CAPNEXT + r"\1", run).lower()
+
+
+def _encode_new_word(word: str) -> str:
+    if len(_WORD_CACHE) >= _WORD_CACHE_MAX:
+        _WORD_CACHE.clear()
+    out = _WORD_CACHE[word] = _encode_word(word)
     return out
 
 
@@ -98,7 +97,13 @@ def encode(text: str) -> str:
     """Apply the CaseOps transform to ``text`` (any Unicode string)."""
     if _LITERAL_OPERATOR.search(text) is not None:
         text = _LITERAL_OPERATOR.sub(lambda m: ESC + m.group(), text)
-    return _UPPER_RUN.sub(_encode_match, text)
+    parts = _UPPER_RUN.split(text)  # text, run, text, run, ..., text
+    if len(parts) == 1:
+        return text
+    get = _WORD_CACHE.get
+    parts[1::2] = [_encode_tail(run) if "a" <= before[-1:] <= "z" else (get(run) or _encode_new_word(run))
+                   for before, run in zip(parts[0::2], parts[1::2])]
+    return "".join(parts)
 
 
 # --------------------------------------------------------------------------
@@ -472,8 +477,8 @@ class PieceByteCounter:
         # the offset mapping prices such runs differently, so those documents
         # take the reference path
         pre = META if self.dummy_prefix else ""
-        odd = [c for c in map(chr, range(0x110000)) if c.isspace()
-               and sp.normalize("a" + c + "b") != pre + "a" + META + "b"]
+        odd = [c for c in map(chr, np.flatnonzero(_WS_LUT).tolist())
+               if sp.normalize("a" + c + "b") != pre + "a" + META + "b"]
         self._odd_ws = re.compile("[" + re.escape("".join(odd)) + "]") if odd else None
         # texts made of "plain" characters provably normalize to "▁".join(text.split()),
         # so they need no sp.normalize call to be tokenized word by word
