@@ -2,10 +2,11 @@
 """Throughput and peak memory of prepare_caseops_data.py (not a pytest test).
 
     python tests/bench_prepare.py [--workers 2] [--docs ../shared/data/bench_docs_20k.jsonl.xz]
-                                  [--sp ../shared/data/caseops_sp8192.model] [--val-docs 2000] [--growth]
+                                  [--sp ../shared/data/caseops_sp8192.model] [--val-docs 2000] [--runs 1] [--growth]
 
 Prints MB/s of input text (the uncompressed JSON lines, and the document text
-alone) and the peak RSS of the main process and of the largest worker.  With
+alone) and the peak RSS of the main process and of the largest worker; with
+--runs N it runs N times and also prints the median MB/s.  With
 --growth it also runs on the documents repeated twice, to show that the peak
 memory does not grow with the corpus (the repeats of val documents are dropped
 from train, the rest is processed as usual).  Each run is a fresh subprocess.
@@ -14,6 +15,7 @@ from train, the rest is processed as usual).  Each run is a fresh subprocess.
 import argparse
 import json
 import lzma
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,10 +75,17 @@ def main() -> None:
     ap.add_argument("--sp", type=Path, default=SHARED / "caseops_sp8192.model")
     ap.add_argument("--val-docs", type=int, default=2000)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=1, help="repeat the run; print the median MB/s as well")
     ap.add_argument("--growth", action="store_true", help="also run on the documents repeated twice")
     args = ap.parse_args()
     raw = jsonl_bytes(args.docs)
-    report(f"workers={args.workers}", run(args.docs, args.sp, args.val_docs, args.workers), raw)
+    rates = []
+    for _ in range(max(1, args.runs)):
+        res = run(args.docs, args.sp, args.val_docs, args.workers)
+        report(f"workers={args.workers}", res, raw)
+        rates.append(raw / res["elapsed"] / 1e6)
+    if len(rates) > 1:
+        print(f"median of {len(rates)} runs: {statistics.median(rates):.2f} MB/s input")
     if args.growth:
         with tempfile.TemporaryDirectory() as tmp:
             opener = lzma.open if args.docs.suffix == ".xz" else open
