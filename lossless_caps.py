@@ -482,7 +482,10 @@ class PieceByteCounter:
         self._odd_ws = re.compile("[" + re.escape("".join(odd)) + "]") if odd else None
         # texts made of "plain" characters provably normalize to "▁".join(text.split()),
         # so they need no sp.normalize call to be tokenized word by word
-        plain = plain_characters(sp.serialized_model_proto())
+        try:
+            plain = plain_characters(sp.serialized_model_proto())
+        except (ValueError, IndexError):  # a model file this reader does not follow: ask the normalizer
+            plain = None
         self._not_plain = None if plain is None else _outside(plain)
         # originals whose CaseOps form is plain: plain characters and A-Z, when the
         # letters a-z and the operators the transform writes are plain themselves
@@ -679,7 +682,7 @@ class PieceByteCounter:
         text is tokenized word by word through the cache (SentencePiece
         tokenizes a plain word the same in any plain context), otherwise by
         SentencePiece itself."""
-        if not (self._wc_ok and self._not_plain is not None):
+        if not self._wc_ok:
             return self._tokenize(texts, np.zeros(len(texts), dtype=bool), None)
         not_plain = self._not_plain.search
         dummy = 1 if self.dummy_prefix else 0
@@ -728,7 +731,7 @@ class PieceByteCounter:
         if n == 0:
             z = np.zeros(0, dtype=np.int64)
             return z, z.copy(), (z.copy() if with_bytes else None)
-        if not with_bytes:
+        if not with_bytes and self._not_plain is not None:
             return (*self._ids(texts), None)
         dummy = 1 if self.dummy_prefix else 0
         prefix = META * dummy
@@ -755,9 +758,11 @@ class PieceByteCounter:
             simple[k] = True
             parts_of[k] = parts
             n_runs[k] = len(parts) - 1 + dummy
-            if not (t.isascii() and len(t) == len(parts) - 1 + sum(map(len, parts))):
+            if with_bytes and not (t.isascii() and len(t) == len(parts) - 1 + sum(map(len, parts))):
                 irregular.append(k)  # some whitespace run is longer than one byte
         ids, lengths = self._tokenize(texts, simple, parts_of)
+        if not with_bytes:
+            return ids, lengths, None
         starts = np.concatenate([[0], np.cumsum(lengths)])
         fast = simple & (lengths > 0)
         if self.caseops:

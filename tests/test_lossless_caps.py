@@ -515,3 +515,12 @@ def test_cache_add_in_chunks_with_fallback(sp_caseops):
         assert entry(d[w]) == c.sp.encode("a " + w)[1:], w
     for w in ("First", "iPhone"):
         assert entry(fd[w]) == c.sp.encode(lc.encode(w))
+
+
+def test_without_plain_table_asks_the_normalizer(sp_caseops, sp_plain, monkeypatch):
+    """A model whose options the table does not cover takes the sp.normalize paths; same results."""
+    monkeypatch.setattr(lc, "plain_characters", lambda proto: None)
+    for sp, caseops in ((sp_caseops, True), (sp_plain, False)):
+        c = lc.PieceByteCounter(sp, caseops=caseops)
+        assert c._not_plain is None and c._not_plain_original is None
+        _check_originals(c, TRICKY_DOCS)
