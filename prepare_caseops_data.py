@@ -619,9 +619,10 @@ def build_dataset(docs, out, *, sp_model=None, vocab_size=None, val_docs=DEFAULT
     sent = collections.deque()  # tasks whose results are still to come
 
     def tasks():
-        # val byte counts are needed while the documents before a blob may be
-        # fewer than val_docs: at most its first line number - 1, less the empty
-        # documents seen so far (a wrong guess is redone below)
+        # a blob gets val byte counts while it may hold val documents: while the
+        # documents before it, at most (its first line - 1) less the empty ones
+        # seen so far, may be fewer than val_docs.  Empty documents still in
+        # flight can make that bound too high; such a blob is redone below.
         for first_line, blob in df.blobs():
             need = not state["val_done"] and first_line - 1 - counts["empty_docs_skipped"] < val_docs
             sent.append((first_line, blob, need))
