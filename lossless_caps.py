@@ -708,12 +708,18 @@ class PieceByteCounter:
             groups.append((np.array(direct, dtype=np.int64), np.concatenate(arrs).astype(np.int64), lens))
         return self._merge(len(texts), groups)
 
-    def _tokenize(self, texts, simple, parts_of):
-        """Token ids of all documents (concatenated) and per-document counts."""
+    def _tokenize(self, texts, simple, parts_of, known=None):
+        """Token ids of all documents (concatenated) and per-document counts
+        (``known``: ids of some documents that are not simple, already tokenized)."""
         n = len(texts)
         use_cache = self._wc_ok and bool(simple.any())
-        direct = [k for k in range(n) if not (use_cache and simple[k])]
+        known = known or {}
+        direct = [k for k in range(n) if not (use_cache and simple[k]) and k not in known]
         parts = []
+        if known:
+            arrs = list(known.values())
+            lens = np.fromiter(map(len, arrs), dtype=np.int64, count=len(arrs))
+            parts.append((np.array(list(known), dtype=np.int64), np.concatenate(arrs).astype(np.int64), lens))
         if direct:
             arrs = self.sp.encode([texts[k] for k in direct], out_type="numpy", num_threads=self.num_threads)
             lens = np.fromiter(map(len, arrs), dtype=np.int64, count=len(arrs))
@@ -760,7 +766,10 @@ class PieceByteCounter:
             n_runs[k] = len(parts) - 1 + dummy
             if with_bytes and not (t.isascii() and len(t) == len(parts) - 1 + sum(map(len, parts))):
                 irregular.append(k)  # some whitespace run is longer than one byte
-        ids, lengths = self._tokenize(texts, simple, parts_of)
+        # documents the table cannot price: ids and counts from the offset mapping, in one pass
+        reference = {k: self.encode_one(texts[k]) for k in np.flatnonzero(~simple).tolist()} if with_bytes else {}
+        ids, lengths = self._tokenize(texts, simple, parts_of, {k: np.asarray(r[0], dtype=np.int64)
+                                                                for k, r in reference.items()})
         if not with_bytes:
             return ids, lengths, None
         starts = np.concatenate([[0], np.cumsum(lengths)])
@@ -829,7 +838,7 @@ class PieceByteCounter:
             if fast[k] and not unsure_doc[k] and int(sums[k]) == self._doc_bytes(texts[k]):
                 self.fast_docs += 1
                 continue
-            ids_k, cc = self.encode_one(texts[k])
+            ids_k, cc = reference[k] if k in reference else self.encode_one(texts[k])
             if not np.array_equal(ids[starts[k]:starts[k + 1]], ids_k):  # pragma: no cover
                 raise RuntimeError("SentencePiece returned different ids for the offset mapping")
             c[starts[k]:starts[k + 1]] = cc
