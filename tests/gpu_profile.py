@@ -1,24 +1,140 @@
-"""Profile one training step at the record configuration (device machine): a table of where the time goes."""
+"""Where a training step's and a TTT step's time goes, at the record configuration (device machine, not CI).
+
+    DATA_PATH=... python tests/gpu_profile.py [train] [ttt] [matmul]
+
+train: compiles (COMPILE_SCOPE as set), times PROFILE_STEPS steps before and after looping, then profiles one
+step of each and prints GPU time per kernel category and the top kernels. ttt: times LoRA TTT batches (eager
+eval path) of 1 and TTT_BATCH_DOCS documents. matmul: the bf16 matmul ceiling used for MFU."""
 import os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 import torch
 import train_gpt as T
 
+what = set(sys.argv[1:]) or {"train", "ttt", "matmul"}
+dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+torch.backends.cuda.matmul.allow_tf32 = True
 cfg = T.Config()
-rt = T.Runtime(0, 1, 0, torch.device("cuda"), True)
-m = T.GPT(cfg).cuda()
-m.attn_backend = T.pick_attention(cfg.attn_backend, rt.device)
-tr = T.Trainer(cfg, rt, m)
-m.looping = os.environ.get("PROFILE_LOOPING", "0") == "1"
-for s in range(4):
-    tr.train_step(s, 0.0)
-torch.cuda.synchronize()
-t = time.perf_counter()
-for s in range(3):
-    tr.train_step(s, 0.0)
-torch.cuda.synchronize()
-print(f"step time {(time.perf_counter() - t) / 3:.3f}s looping={m.looping} backend={m.attn_backend}")
-from torch.profiler import profile, ProfilerActivity
-with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-    tr.train_step(0, 0.0); torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(os.environ.get("ROWS", "30")), max_name_column_width=70))
+rt = T.Runtime(0, 1, 0, dev, True)
+STEPS = int(os.environ.get("PROFILE_STEPS", "5"))
+
+
+def category(name):
+    n = name.lower()
+    if n.startswith("triton_"):
+        return "inductor fused"
+    if "flash" in n or "fmha" in n or "attn" in n or "kernel_cutlass" in n:
+        return "attention"
+    if any(k in n for k in ("gemm", "xmma", "nvjet", "cublas", "sm90_", "wgmma")):
+        return "matmul"
+    if "softcap_ce" in n:
+        return "softcap CE"
+    if n.startswith("triton_"):
+        return "inductor fused"
+    if "memcpy" in n or "memset" in n or "copy" in n:
+        return "copy/memset"
+    if "multi_tensor" in n or "foreach" in n or "adam" in n:
+        return "optimizer (foreach)"
+    return "other"
+
+
+def gpu_table(prof, total_label, rows=25):
+    evs = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    tot = sum(e.self_device_time_total for e in evs) or 1
+    cats = {}
+    for e in evs:
+        c = cats.setdefault(category(e.key), [0, 0])
+        c[0] += e.self_device_time_total; c[1] += e.count
+    print(f"--- {total_label}: GPU kernel time {tot / 1e3:.1f} ms")
+    print(f"{'category':24s} {'ms':>9s} {'%':>6s} {'launches':>9s}")
+    for k, (t, n) in sorted(cats.items(), key=lambda kv: -kv[1][0]):
+        print(f"{k:24s} {t / 1e3:9.2f} {100 * t / tot:6.1f} {n:9d}")
+    print(f"{'kernel':80s} {'ms':>8s} {'n':>6s}")
+    for e in sorted(evs, key=lambda e: -e.self_device_time_total)[:rows]:
+        print(f"{e.key[:80]:80s} {e.self_device_time_total / 1e3:8.2f} {e.count:6d}")
+
+
+def timed(fn, n):
+    T.sync(dev); t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    T.sync(dev)
+    return (time.perf_counter() - t) / n
+
+
+if "matmul" in what:
+    a, b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16), torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    dt = timed(lambda: a @ b, 10)
+    print(f"matmul ceiling: 8192^3 bf16 {2 * 8192 ** 3 / dt / 1e12:.0f} TFLOP/s", flush=True)
+
+if "train" in what:
+    t0 = time.perf_counter()
+    m = T.GPT(cfg).to(dev)
+    m.attn_backend = T.pick_attention(cfg.attn_backend, dev)
+    tr = T.Trainer(cfg, rt, m)
+    m.block_fns = tr.block_fns
+    loops = [bool(int(x)) for x in os.environ.get("PROFILE_LOOPS", "0,1").split(",")]
+    if loops == [False, True]:
+        tr.warmup()
+    else:  # compile only the loop settings asked for
+        for lp in loops:
+            m.looping = lp
+            for s in range(max(1, cfg.warmup_steps)):
+                tr.train_step(s, 0.0)
+    T.sync(dev)
+    print(f"compile + warm-up ({cfg.compile_scope}, {cfg.warmup_steps} steps per loop setting): "
+          f"{time.perf_counter() - t0:.1f}s; backend {m.attn_backend}", flush=True)
+    t = time.perf_counter()
+    for _ in range(5):
+        tr.loader.next_step()
+    print(f"loader CPU time per step: {(time.perf_counter() - t) / 5 * 1e3:.1f} ms", flush=True)
+    flops = {}
+    for looping in loops:
+        m.looping = looping
+        order = m.orders[looping]
+        n_mat = sum(p.numel() for n, p in m.named_parameters() if n.startswith("blocks.") and p.ndim == 2) / cfg.num_layers
+        flops[looping] = 6 * (n_mat * len(order) + cfg.vocab_size * cfg.model_dim)  # per token, matmuls only
+        tr.train_step(0, 0.5)
+        dt = timed(lambda: tr.train_step(0, 0.5), STEPS)
+        tps = cfg.train_batch_tokens / dt
+        print(f"looping={looping}: {dt * 1e3:.1f} ms/step, {tps / 1e6:.3f}M tok/s, "
+              f"{flops[looping] * tps / 1e12:.0f} TFLOP/s of matmul work", flush=True)
+        from torch.profiler import profile, ProfilerActivity
+        if os.environ.get("PROFILE_TABLE", "1") == "1":
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                tr.train_step(0, 0.5); T.sync(dev)
+            gpu_table(prof, f"one training step, looping={looping}")
+    del tr, m
+    torch.cuda.empty_cache()
+
+if "ttt" in what:
+    m = T.GPT(cfg).to(dev)
+    m.attn_backend, m.looping = T.pick_attention(cfg.attn_backend, dev), True
+    val = np.concatenate([np.asarray(T.read_shard(f)) for f in T.list_shards(cfg.data_path, "val")]).astype(np.int64)
+    nb = np.ones_like(val)
+    sc = T.Scorer(m, val, nb, dev, cfg.fused_ce)
+    ttt = T.TTT(m, sc, val, cfg, rt, time.perf_counter() + 1e6)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    docs = sorted(T.doc_ranges(val), key=lambda d: d[0] - d[1])
+    span = cfg.ttt_context + 10 * cfg.ttt_chunk
+    for n in (1, 8, cfg.ttt_batch_docs):
+        batch = [(s, min(e, s + span)) for s, e in docs[:n]]
+        steps, work = ttt.plan(batch)
+        ttt.lora_batch(batch[:1])
+        T.sync(dev); t = time.perf_counter()
+        ttt.lora_batch(batch)
+        T.sync(dev); dt = time.perf_counter() - t
+        toks = sum(e - s for s, e in batch)
+        print(f"TTT LoRA batch of {n} docs x {span} tokens: {steps} chunk steps in {dt:.2f}s = {dt / steps * 1e3:.1f} ms/step, "
+              f"{toks / dt:,.0f} scored tok/s, {work / dt:,.0f} padded tok/s", flush=True)
+        if n == 1 or n == cfg.ttt_batch_docs:
+            from torch.profiler import profile, ProfilerActivity
+            short = [(s, min(e, s + 3 * cfg.ttt_chunk)) for s, e in batch]
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                ttt.lora_batch(short); T.sync(dev)
+            gpu_table(prof, f"TTT LoRA batch of {n} docs, 3 chunk steps", rows=12)
+            cpu = sum(e.self_cpu_time_total for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU)
+            print(f"CPU self time of those 3 steps: {cpu / 1e3:.1f} ms", flush=True)

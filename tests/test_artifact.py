@@ -89,3 +89,22 @@ def test_artifact_limit_is_enforced(tmp_path):
     msg = T.build_artifact(m, {}, cfg, rt, tmp_path, summary)
     assert msg and "ARTIFACT_LIMIT" in msg and summary["bytes_total"] >= 1000
     assert summary["bytes_total"] == summary["artifact_bytes"] + summary["code_bytes"]
+
+
+def test_hessian_collection_stops_before_the_deadline(tiny_data):
+    """Calibration belongs to the training budget: no batch is started that would end past the deadline (the time of
+    the batches so far predicts the next), yet at least one batch is always taken."""
+    import time
+    cfg = T.Config(dict(RUN_PRESET="tiny", DATA_PATH=str(tiny_data), GPTQ_CALIB_BATCHES="6"))
+    rt = T.Runtime(0, 1, 0, torch.device("cpu"), True)
+    m = T.GPT(cfg)
+    loader = T.TrainLoader(cfg, rt, 1)
+    assert T.collect_hessians(m, loader, cfg, rt, time.perf_counter() - 1)[1] == 1  # deadline passed: one batch
+    assert T.collect_hessians(m, loader, cfg, rt, float("inf"))[1] == 6
+    t = time.perf_counter()
+    T.collect_hessians(m, loader, cfg, rt, float("inf"))
+    per_batch = (time.perf_counter() - t) / 6
+    t = time.perf_counter()
+    deadline = t + 2.5 * per_batch
+    n = T.collect_hessians(m, loader, cfg, rt, deadline)[1]
+    assert 1 <= n <= 3 and time.perf_counter() <= deadline + 0.5 * per_batch

@@ -52,6 +52,17 @@ def test_ttt_lowers_loss(trained, capsys):
     assert "ttt (phased) val_loss" in capsys.readouterr().out
 
 
+def test_fewer_prefix_docs_than_phases(trained):
+    """PHASED_TTT_PREFIX_DOCS=2 with 3 phases leaves the first phase group empty: the phases still run over the scored
+    prefix and every token is scored once."""
+    tokens, nbytes = val_stream(seed=3, n_docs=6, mean_len=48)
+    cfg = tiny_cfg(PHASED_TTT_PREFIX_DOCS=2)
+    m = model_from(trained, cfg)
+    m.looping = True
+    (_, _, n, nb), st = T.ttt_eval(m, T.Scorer(m, tokens, nbytes, CPU.device), tokens, cfg, CPU, float("inf"))
+    assert n == len(tokens) - 1 and nb == nbytes[1:].sum() and st["phases_done"] == 2
+
+
 def test_full_mode_lowers_loss(trained):
     tokens, nbytes = val_stream(seed=3, n_docs=12, mean_len=64)
     cfg = tiny_cfg(TTT_MODE="full", TTT_SGD_CHUNK_TOKENS=128, FULL_TTT_LR=0.05)
@@ -63,11 +74,13 @@ def test_full_mode_lowers_loss(trained):
 def test_small_budget_shrinks_work_never_tokens(trained, capsys):
     tokens, nbytes = val_stream(seed=4, n_docs=16, mean_len=64)
     cfg = tiny_cfg()
-    m = model_from(trained, cfg)
-    m.looping = True
-    t = time.perf_counter()
-    T.ttt_eval(m, T.Scorer(m, tokens, nbytes, CPU.device), tokens, cfg, CPU, float("inf"))
-    full = time.perf_counter() - t
+    full = float("inf")
+    for _ in range(2):  # the faster of two runs: the first one pays one-off costs
+        m = model_from(trained, cfg)
+        m.looping = True
+        t = time.perf_counter()
+        T.ttt_eval(m, T.Scorer(m, tokens, nbytes, CPU.device), tokens, cfg, CPU, float("inf"))
+        full = min(full, time.perf_counter() - t)
     # (a) no time at all: no adapter update, no phase, yet every token scored exactly once
     cfg = tiny_cfg(EVAL_BUDGET_SECONDS=0.01)
     m = model_from(trained, cfg)

@@ -189,6 +189,58 @@ def test_fused_ce_math_matches_eager():
     assert torch.allclose(a, b, atol=1e-5) and torch.allclose(ga, gb, atol=1e-6)
 
 
+def _reference_attention(q, k, v, cu, dout=None):
+    """Causal attention per segment in fp32 (GQA by repeated heads): out, lse; with dout also dq, dk, dv (analytic)."""
+    g, scale = q.shape[1] // k.shape[1], 1 / math.sqrt(q.shape[-1])
+    out, lse = torch.zeros_like(q), torch.zeros(q.shape[1], q.shape[0])
+    grads = [torch.zeros_like(t) for t in (q, k, v)]
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if a == b:
+            continue
+        qq, kk, vv = (t[a:b].float().repeat_interleave(r, 1).transpose(0, 1) for t, r in ((q, 1), (k, g), (v, g)))
+        s = (qq @ kk.transpose(1, 2) * scale).masked_fill(~torch.ones(b - a, b - a, dtype=torch.bool).tril(), -math.inf)
+        p = torch.softmax(s, -1)
+        o = p @ vv
+        out[a:b], lse[:, a:b] = o.transpose(0, 1).to(q.dtype), torch.logsumexp(s, -1)
+        if dout is not None:
+            do = dout[a:b].float().transpose(0, 1)
+            ds = p * (do @ vv.transpose(1, 2) - (do * o).sum(-1, keepdim=True))
+            for i, d in enumerate((ds @ kk * scale, ds.transpose(1, 2) @ qq * scale, p.transpose(1, 2) @ do)):
+                h = d.shape[0] // (1 if i == 0 else g)
+                grads[i][a:b] = d.view(h, -1, *d.shape[1:]).sum(1).transpose(0, 1).to(q.dtype)
+    return (out, lse) if dout is None else grads
+
+
+def test_fa4_custom_op_wiring(monkeypatch):
+    """The FlashAttention-4 wrapper (a torch custom op with its own backward) against masked SDPA, eager and inside a
+    fullgraph torch.compile, with a CPU stand-in for FA4's kernels (the kernels themselves need a Hopper GPU)."""
+    import sys, types
+    iface = types.SimpleNamespace(
+        _flash_attn_fwd=lambda q, k, v, cu_seqlens_q, **kw: (*_reference_attention(q, k, v, cu_seqlens_q), None, None, None),
+        _flash_attn_bwd=lambda q, k, v, out, dout, lse, scale, causal, softcap, cu_seqlens_q, **kw:
+            _reference_attention(q, k, v, cu_seqlens_q, dout))
+    cute = types.ModuleType("flash_attn.cute")
+    cute.interface = iface
+    pkg = types.ModuleType("flash_attn")
+    pkg.cute = cute
+    monkeypatch.setitem(sys.modules, "flash_attn", pkg)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    monkeypatch.setattr(T, "_FA4", [])
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 5, 17, 17, 30, 32, 32], dtype=torch.int32)  # an empty segment and padding entries
+    q, k, v = (torch.randn(32, h, 16, requires_grad=True) for h in (4, 2, 2))
+    g = torch.randn(32, 4, 16)
+    ref = T.varlen_attention(q, k, v, cu, 16, "sdpa")
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    out = T.varlen_attention(q, k, v, cu, 16, "fa4")
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    assert torch.allclose(out, ref, atol=1e-5) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, ref_grads))
+    f = torch.compile(lambda q, k, v: T.varlen_attention(q, k, v, cu, 16, "fa4"), fullgraph=True, backend="aot_eager")
+    out = f(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    assert torch.allclose(out, ref, atol=1e-5) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, ref_grads))
+
+
 def test_asym_softcap_gets_gradient():
     m = make_model(ASYM_SOFTCAP=1)
     ids = torch.randint(4, 1024, (1, 32)); ids[0, 0] = 1

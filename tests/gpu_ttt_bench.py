@@ -1,0 +1,38 @@
+"""Phased TTT speed on the first TTT_BENCH_TOKENS val tokens (device machine, not CI).
+
+    DATA_PATH=... python tests/gpu_ttt_bench.py
+
+A freshly initialized record-size model (TTT speed does not depend on what the weights learned); every setting as in
+the record configuration; every document is a phase-prefix document, as on the whole 2,000-doc bench val set. Prints the TTT time
+(everything included, as inside the eval timer), scored tokens/s and the LoRA step statistics."""
+import copy, os, sys, time
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
+import train_gpt as T
+
+dev = torch.device("cuda")
+torch.backends.cuda.matmul.allow_tf32 = True
+rt = T.Runtime(0, 1, 0, dev, True)
+cfg0 = T.Config()
+val = np.concatenate([np.asarray(T.read_shard(f)) for f in T.list_shards(cfg0.data_path, "val")]).astype(np.int64)
+n = int(os.environ.get("TTT_BENCH_TOKENS", "300000"))
+starts = np.flatnonzero(val == T.BOS_ID)
+val = val[:int(starts[np.searchsorted(starts, n)]) if n < len(val) else len(val)]
+docs = T.doc_ranges(val)
+prefix = len(docs)  # as on the whole bench val set, whose 2,000 docs are all within PHASED_TTT_PREFIX_DOCS=2,500
+torch.manual_seed(0)
+base = T.GPT(cfg0).to(dev)
+base.attn_backend = T.pick_attention(cfg0.attn_backend, dev)
+state = copy.deepcopy(base.state_dict())
+print(f"{len(val):,} tokens, {len(docs)} docs (longest {max(e - s for s, e in docs):,}), prefix docs {prefix}", flush=True)
+cfg = T.Config(dict(os.environ, PHASED_TTT_PREFIX_DOCS=str(min(prefix, len(docs) - 1))))
+m = T.GPT(cfg).to(dev)
+m.load_state_dict(state)
+m.attn_backend, m.looping = base.attn_backend, True
+sc = T.Scorer(m, val, np.ones_like(val), dev, cfg.fused_ce)
+torch.cuda.synchronize()
+t = time.perf_counter()
+(loss, bpb, ntok, _), st = T.ttt_eval(m, sc, val, cfg, rt, time.perf_counter() + 1e6)
+dt = time.perf_counter() - t
+print(f"TTT: {dt:.1f}s, {ntok / dt:,.0f} scored tok/s, loss {loss:.4f}; {st}", flush=True)
