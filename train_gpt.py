@@ -1454,7 +1454,7 @@ def rans_decode(words, x, base, tabs, n):
         xs = x[: min(n_lanes, n - a)]
         k = base[a: a + n_lanes] + (xs & mask)
         out[a: a + n_lanes] = sym_lut[k]
-        xs[:] = f_lut[k].astype(np.uint32) * (xs >> RANS_PB) + b_lut[k]
+        xs[:] = f_lut[k] * (xs >> RANS_PB) + b_lut[k]  # uint16 * uint32 -> uint32
         m = xs < RANS_LOW
         cnt = int(np.count_nonzero(m))
         if p + cnt > words.size:

@@ -1,8 +1,9 @@
 """Benchmark the artifact codec against brotli-11 and lzma-9e on a record-size synthetic state.
 
-usage: python _dev/bench_codec.py [--skip-baselines] [--colvar 0.3] [--dof 5] [--state PATH]
+usage: python tests/bench_codec.py [--skip-baselines] [--colvar 0.3] [--dof 5] [--state PATH | --artifact model.ptz]
   --colvar S : multiply each matrix column by exp(S*N(0,1)) (column-heterogeneous variant)
   --state P  : measure a real quantized state instead (torch.load -> dict of tensors)
+  --artifact A: measure the quantized state inside a run's model.ptz (decoded, then encoded again)
 """
 import argparse
 import json
@@ -62,8 +63,12 @@ def main():
     ap.add_argument("--colvar", type=float, default=0.0)
     ap.add_argument("--dof", type=float, default=5.0)
     ap.add_argument("--state", default=None)
+    ap.add_argument("--artifact", default=None)
     args = ap.parse_args()
-    if args.state:
+    if args.artifact:
+        with open(args.artifact, "rb") as f:
+            st = unpack_state(f.read())
+    elif args.state:
         st = {k: v for k, v in torch.load(args.state, map_location="cpu").items() if torch.is_tensor(v)}
     else:
         st = make_state(dof=args.dof, colvar=args.colvar)

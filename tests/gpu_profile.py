@@ -29,8 +29,6 @@ def category(name):
         return "matmul"
     if "softcap_ce" in n:
         return "softcap CE"
-    if n.startswith("triton_"):
-        return "inductor fused"
     if "memcpy" in n or "memset" in n or "copy" in n:
         return "copy/memset"
     if "multi_tensor" in n or "foreach" in n or "adam" in n:
