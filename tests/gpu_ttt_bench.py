@@ -1,6 +1,9 @@
 """Phased TTT speed on the first TTT_BENCH_TOKENS val tokens (device machine, not CI).
 
-    DATA_PATH=... python tests/gpu_ttt_bench.py
+    DATA_PATH=... [TTT_BENCH_GRAPHS=1,0] python tests/gpu_ttt_bench.py
+
+TTT_BENCH_GRAPHS lists the TTT_CUDA_GRAPHS settings to run, one after another in this process (same model, same
+adapter init), so their times are ratios measured in one run.
 
 A freshly initialized record-size model (TTT speed does not depend on what the weights learned); every setting as in
 the record configuration; every document is a phase-prefix document, as on the whole 2,000-doc bench val set. Prints the TTT time
@@ -26,13 +29,22 @@ base = T.GPT(cfg0).to(dev)
 base.attn_backend = T.pick_attention(cfg0.attn_backend, dev)
 state = copy.deepcopy(base.state_dict())
 print(f"{len(val):,} tokens, {len(docs)} docs (longest {max(e - s for s, e in docs):,}), prefix docs {prefix}", flush=True)
-cfg = T.Config(dict(os.environ, PHASED_TTT_PREFIX_DOCS=str(min(prefix, len(docs) - 1))))
-m = T.GPT(cfg).to(dev)
-m.load_state_dict(state)
-m.attn_backend, m.looping = base.attn_backend, True
-sc = T.Scorer(m, val, np.ones_like(val), dev, cfg.fused_ce)
-torch.cuda.synchronize()
-t = time.perf_counter()
-(loss, bpb, ntok, _), st = T.ttt_eval(m, sc, val, cfg, rt, time.perf_counter() + 1e6)
-dt = time.perf_counter() - t
-print(f"TTT: {dt:.1f}s, {ntok / dt:,.0f} scored tok/s, loss {loss:.4f}; {st}", flush=True)
+times = {}
+for graphs in os.environ.get("TTT_BENCH_GRAPHS", "1").split(","):
+    cfg = T.Config(dict(os.environ, PHASED_TTT_PREFIX_DOCS=str(min(prefix, len(docs) - 1)), TTT_CUDA_GRAPHS=graphs))
+    m = T.GPT(cfg).to(dev)
+    m.load_state_dict(state)
+    m.attn_backend, m.looping = base.attn_backend, True
+    sc = T.Scorer(m, val, np.ones_like(val), dev, cfg.fused_ce)
+    torch.manual_seed(1)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    (loss, bpb, ntok, _), st = T.ttt_eval(m, sc, val, cfg, rt, time.perf_counter() + 1e6)
+    dt = times[graphs] = time.perf_counter() - t
+    print(f"TTT_CUDA_GRAPHS={graphs}: {dt:.1f}s, {ntok / dt:,.0f} scored tok/s, loss {loss:.6f}, peak "
+          f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; {st}", flush=True)
+    del m, sc
+    torch.cuda.empty_cache()
+if len(times) > 1:
+    print("time ratios vs the first setting:", {k: round(v / times[next(iter(times))], 3) for k, v in times.items()}, flush=True)

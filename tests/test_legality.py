@@ -110,21 +110,14 @@ def c4_ok(res, trace, tokens, nbytes):
 class LearnFirstTTT(T.TTT):
     """Violation (C1, C3): every chunk is learned from BEFORE it is scored."""
 
-    def lora_batch(self, batch):
-        C, W = self.cfg.ttt_chunk, self.cfg.ttt_context
-        ad, opt = self.new_adapters(len(batch))
-        for c in range(self.plan(batch)[0]):
-            act = [i for i, (s, e) in enumerate(batch) if s + c * C < e]
-            rows = [(max(s, min(e, s + c * C + C) - W), min(e, s + c * C + C), s + c * C) for s, e in (batch[i] for i in act)]
-            ix = torch.tensor(act)
-            sel = lambda: {k: (v[0][ix], v[1][ix]) if k == "head" else [(A[ix], B[ix]) for A, B in v] for k, v in ad.items()}
-            loss, _, scored, _ = self.sc.forward(rows, sel())
-            T._trace("lora_update", T.row_positions(rows, False))
-            ((loss * scored).sum(1) / scored.sum(1)).sum().backward()
-            opt.step()
-            opt.zero_grad()
-            with torch.no_grad():
-                T.add_scores(self.tot, rows, *self.sc.nll(rows, sel()))
+    def lora_step(self, ps, vs, meta, L, rows, train):
+        trace, tot, meta = T.EVAL_TRACE, self.tot, meta.clone()
+        meta[3] = meta[1] > 0  # every row learns, its last chunk included
+        T.EVAL_TRACE, self.tot = [], torch.zeros_like(tot)
+        super().lora_step(ps, vs, meta, L, rows, True)  # learn from the chunk (this pass's scores are dropped) ...
+        trace += [e for e in T.EVAL_TRACE if e[0] == "lora_update"]
+        T.EVAL_TRACE, self.tot = trace, tot
+        super().lora_step(ps, vs, meta, L, rows, False)  # ... then score it with the updated adapters
 
 
 class CountFirstTilt(T.NgramTilt):
@@ -199,9 +192,10 @@ def c2_deviation(scorer_cls, tokens, nbytes, cfg):
     sc = scorer_cls(m, tokens, nbytes, CPU.device, calib=calib, boost=cfg.ngram_boost)
     sc.hints = T.NgramTilt(cfg.ngram_order, cfg.ngram_threshold).hints(sc.tokens)
     rows = T.plain_rows(tokens, 64)
-    x, y, cu, L, scored, _, idx = sc.batch(rows)
+    x, cu, L, y, scored, _, tpos, sel = sc.batch(rows)
+    assert sel is None  # plain rows: every position is scored
     with torch.no_grad():
-        hint = sc.hints[idx + 1]
+        hint = sc.hints[tpos]
         assert (hint[scored] >= 0).sum() > 20, "the tilt must be active somewhere"
         lp = sc.logprobs(m.capped(m.logits(m.hidden(x, cu, L))), hint)
         nll = sc.forward(rows)[1]
