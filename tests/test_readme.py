@@ -1,5 +1,5 @@
 """README.md stays in step with the code (issue 6 point 1): the env-var table is the generated one, every setting is
-documented, and the two quick-start commands are there verbatim."""
+documented, the two quick-start commands are there verbatim, and every error has a troubleshooting row."""
 import re
 
 import train_gpt as T
@@ -43,3 +43,25 @@ def test_quick_start_commands_verbatim_in_code_blocks():
     assert T.PRESETS["demo"]["DATA_PATH"] == T.PRESETS["tiny"]["DATA_PATH"] == "./data/demo"
     import prepare_caseops_data as prep
     assert str(prep.DEFAULT_DEMO_DIR) == "data/demo"
+
+
+def test_every_error_has_a_troubleshooting_row():
+    """Each `error:` message of train_gpt.py and each DataError / LayoutError of prepare_caseops_data.py has a row in
+    the README's Troubleshooting section: some run of up to three consecutive words of the message's fixed text
+    (between its {placeholders}) appears in one row."""
+    section = README[README.index("## Troubleshooting"):]
+    section = section[:section.index("\n## ", 1)]
+    norm = lambda t: re.findall(r"[a-z0-9_\-]+", t.lower())
+    rows = [" ".join(norm(r)) for r in section.splitlines() if r.startswith("|")]
+    patterns = {"train_gpt.py": r'SystemExit\(f?"error: ((?:[^"\\]|\\.)*)"',
+                "prepare_caseops_data.py": r'(?:DataError|LayoutError)\(f?"((?:[^"\\]|\\.)*)"'}
+    missing, seen = [], 0
+    for name, pat in patterns.items():
+        for m in re.finditer(pat, (ROOT / name).read_text(encoding="utf-8")):
+            seen += 1
+            pieces = [norm(p) for p in re.split(r"\{[^}]*\}", m.group(1).replace("\\", ""))]
+            runs = {" ".join(w[i:i + min(3, len(w))]) for w in pieces if len(w) >= 2 for i in range(len(w) - min(3, len(w)) + 1)}
+            if not any(r in row for r in runs for row in rows):
+                missing.append(f"{name}: {m.group(1)[:80]}")
+    assert seen > 40, "the error patterns found too few messages: the test would be vacuous"
+    assert not missing, "errors without a README troubleshooting row:\n" + "\n".join(missing)
