@@ -3,8 +3,8 @@
     DATA_PATH=... python tests/gpu_profile.py [train] [ttt] [matmul]
 
 train: compiles (COMPILE_SCOPE as set), times PROFILE_STEPS steps before and after looping, then profiles one
-step of each and prints GPU time per kernel category and the top kernels. ttt: times LoRA TTT batches (eager
-eval path) of 1 and TTT_BATCH_DOCS documents. matmul: the bf16 matmul ceiling used for MFU."""
+step of each and prints GPU time per kernel category and the top kernels. ttt: times LoRA TTT batches (TTT_CUDA_GRAPHS
+as set; the kernel table is that of the eager path when it is 0) of 1, 8 and TTT_BATCH_DOCS documents. matmul: the bf16 matmul ceiling used for MFU."""
 import os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
