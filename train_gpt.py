@@ -1952,6 +1952,20 @@ def lora_adamw_(ps, gs, vs, t, lr, wd, b2=0.99, eps=1e-8):
     torch._foreach_addcdiv_(ps, gs, den, value=-lr)
 
 
+def lora_shapes(n, L, max_tokens, pad):
+    """The forwards of one LoRA chunk step over n rows of length <= L: (first row, rows, padded rows, padded length),
+    at most max_tokens padded tokens each (memory). With pad (CUDA graphs), row counts are powers of two and lengths
+    64 ... 512 or multiples of 256, so that few shapes recur."""
+    if pad:
+        L = 1 << max(6, (L - 1).bit_length()) if L <= 512 else -(-L // 256) * 256
+    m = max(1, max_tokens // L)
+    if pad:
+        m = 1 << (m.bit_length() - 1)
+    for j in range(0, n, m):
+        k = min(n, j + m) - j
+        yield j, k, min(m, 1 << (k - 1).bit_length()) if pad else k, L
+
+
 class TTT:
     """Score-first test-time training (SPEC 5). Every chunk is scored (added to the totals) before any state learns
     from it. 'phased': per-document LoRA adapters (documents batched longest first, TTT_CHUNK tokens per step) plus
@@ -2010,14 +2024,24 @@ class TTT:
                 add_scores(self.tot, chunk, *self.sc.nll(chunk))
 
     def new_adapters(self, n):
-        """Adapter slots for n documents (rows of each tensor; A random and small, B zero: the adapted model starts
-        as the base model) and their AdamW second moments, both as flat lists in the order of self.unflat."""
+        """Adapter slots for n documents (rows of each tensor; set by reset_adapters) and their AdamW second moments,
+        both as flat lists in the order of self.unflat."""
         c, r, dev = self.cfg, self.cfg.ttt_lora_rank, self.rt.device
         d, kvd = c.model_dim, c.num_kv_heads * (c.model_dim // c.num_heads)
         shapes = dict(q=(d, d), k=(d, kvd), v=(d, kvd), o=(d, d), mlp=(c.mlp_mult * d, d))
         dims = [s for s in shapes.values() for _ in range(c.num_layers)] + [(d, c.vocab_size)]
-        ps = [t for i, o in dims for t in (torch.randn(n, i, r, device=dev) / math.sqrt(i), torch.zeros(n, r, o, device=dev))]
-        return ps, [torch.zeros_like(p) for p in ps]
+        ps = [t for i, o in dims for t in (torch.empty(n, i, r, device=dev), torch.empty(n, r, o, device=dev))]
+        return ps, [torch.empty_like(p) for p in ps]
+
+    @torch.no_grad()
+    def reset_adapters(self):
+        """In place (CUDA graphs hold the addresses): A random and small, B zero, so the adapted model starts as the
+        base model; AdamW moments zero."""
+        ps, vs = self.slots
+        for A, B in zip(ps[0::2], ps[1::2]):
+            A.normal_().div_(math.sqrt(A.shape[1]))
+            B.zero_()
+        torch._foreach_zero_(vs)
 
     def plan(self, batch):
         """(steps, padded tokens) of a LoRA batch."""
@@ -2059,27 +2083,13 @@ class TTT:
             self.slots = self.new_adapters(1 << (max(n, self.cfg.ttt_batch_docs) - 1).bit_length())
             if self.graphs:
                 self.graphs.clear()
-        else:  # reset the slots in place: CUDA graphs hold their addresses
-            with torch.no_grad():
-                ps, vs = self.slots
-                for A, B in zip(ps[0::2], ps[1::2]):
-                    A.normal_().div_(math.sqrt(A.shape[1]))
-                    B.zero_()
-                torch._foreach_zero_(vs)
+        self.reset_adapters()
         ps, vs = self.slots
         for c in range(self.plan(batch)[0]):
             rows = [(max(s, b - W), b, a) for s, e in batch for a in [s + c * C] if a < e for b in [min(e, a + C)]]
             train = [int(r[1] < e) for r, (_, e) in zip(rows, batch)]  # documents that go on after this chunk
-            L = max(b - a for a, b, _ in rows)
-            if self.pad:
-                L = 1 << max(6, (L - 1).bit_length()) if L <= 512 else -(-L // 256) * 256
-            m = max(1, self.cfg.ttt_max_batch_tokens // L)  # rows per forward (memory)
-            if self.pad:
-                m = 1 << (m.bit_length() - 1)
             self.t.fill_(c + 1)
-            for j in range(0, len(rows), m):
-                k = min(len(rows), j + m) - j
-                B = min(m, 1 << (k - 1).bit_length()) if self.pad else k
+            for j, k, B, L in lora_shapes(len(rows), max(b - a for a, b, _ in rows), self.cfg.ttt_max_batch_tokens, self.pad):
                 pr = [(s, e - s, f - s, t) for (s, e, f), t in zip(rows[j:j + k], train[j:j + k])] + [(0, 0, 0, 0)] * (B - k)
                 meta = torch.tensor(pr, device=dev).T
                 args = [p[j:j + B] for p in ps], [v[j:j + B] for v in vs], meta, L, rows[j:j + k]
