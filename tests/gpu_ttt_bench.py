@@ -1,9 +1,10 @@
 """Phased TTT speed on the first TTT_BENCH_TOKENS val tokens (device machine, not CI).
 
-    DATA_PATH=... [TTT_BENCH_GRAPHS=1,0] python tests/gpu_ttt_bench.py
+    DATA_PATH=... [TTT_BENCH_GRAPHS=1,0] [TTT_BENCH_SETTINGS="TTT_COMPILE=1,TTT_COMPILE=0 TTT_CUDA_GRAPHS=0"] python tests/gpu_ttt_bench.py
 
 TTT_BENCH_GRAPHS lists the TTT_CUDA_GRAPHS settings to run, one after another in this process (same model, same
-adapter init), so their times are ratios measured in one run.
+adapter init), so their times are ratios measured in one run. TTT_BENCH_SETTINGS, if given, lists whole settings
+instead: comma-separated, each a space-separated list of KEY=VALUE env overrides.
 
 A freshly initialized record-size model (TTT speed does not depend on what the weights learned); every setting as in
 the record configuration; every document is a phase-prefix document, as on the whole 2,000-doc bench val set. Prints the TTT time
@@ -30,8 +31,13 @@ base.attn_backend = T.pick_attention(cfg0.attn_backend, dev)
 state = copy.deepcopy(base.state_dict())
 print(f"{len(val):,} tokens, {len(docs)} docs (longest {max(e - s for s, e in docs):,}), prefix docs {prefix}", flush=True)
 times = {}
-for graphs in os.environ.get("TTT_BENCH_GRAPHS", "1").split(","):
-    cfg = T.Config(dict(os.environ, PHASED_TTT_PREFIX_DOCS=str(min(prefix, len(docs) - 1)), TTT_CUDA_GRAPHS=graphs))
+settings = os.environ.get("TTT_BENCH_SETTINGS") or ",".join(
+    f"TTT_CUDA_GRAPHS={g}" for g in os.environ.get("TTT_BENCH_GRAPHS", "1").split(","))
+for graphs in settings.split(","):
+    env = dict(os.environ, PHASED_TTT_PREFIX_DOCS=str(min(prefix, len(docs) - 1)))
+    env.update(kv.split("=", 1) for kv in graphs.split())
+    env.pop("TTT_BENCH_SETTINGS", None)
+    cfg = T.Config(env)
     m = T.GPT(cfg).to(dev)
     m.load_state_dict(state)
     m.attn_backend, m.looping = base.attn_backend, True
@@ -42,7 +48,7 @@ for graphs in os.environ.get("TTT_BENCH_GRAPHS", "1").split(","):
     t = time.perf_counter()
     (loss, bpb, ntok, _), st = T.ttt_eval(m, sc, val, cfg, rt, time.perf_counter() + 1e6)
     dt = times[graphs] = time.perf_counter() - t
-    print(f"TTT_CUDA_GRAPHS={graphs}: {dt:.1f}s, {ntok / dt:,.0f} scored tok/s, loss {loss:.6f}, peak "
+    print(f"{graphs}: {dt:.1f}s, {ntok / dt:,.0f} scored tok/s, loss {loss:.6f}, peak "
           f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; {st}", flush=True)
     del m, sc
     torch.cuda.empty_cache()

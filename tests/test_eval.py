@@ -196,12 +196,14 @@ def test_two_ranks_share_the_queue_and_stay_in_sync():
 
 
 def test_cuda_graph_padding_is_exact(trained, monkeypatch):
-    """The CUDA-graph path pads each LoRA forward to a power-of-two row count and a bucketed length, and splits
-    rows into forwards by TTT_MAX_BATCH_TOKENS: no score changes (same padding, eagerly, on CPU)."""
+    """The CUDA-graph path pads each LoRA forward's row count (TTT_PAD_ROWS) and length (buckets), and splits rows
+    into forwards by TTT_MAX_BATCH_TOKENS: no score changes (same padding, eagerly, on CPU)."""
     tokens, nbytes = val_stream(seed=5, n_docs=10, mean_len=80)
     results = []
-    for pad, max_tokens in ((False, 65536), (True, 65536), (True, 300), (False, 300)):
-        cfg = tiny_cfg(PHASED_TTT_PREFIX_DOCS=0, TTT_BATCH_DOCS=10, TTT_LORA_LR=0.01, TTT_MAX_BATCH_TOKENS=max_tokens)
+    for pad, max_tokens, rows in ((False, 65536, "x8"), (True, 65536, "x8"), (True, 65536, "pow2"), (True, 300, "x8"),
+                                  (True, 300, "pow2"), (False, 300, "x8")):
+        cfg = tiny_cfg(PHASED_TTT_PREFIX_DOCS=0, TTT_BATCH_DOCS=10, TTT_LORA_LR=0.01, TTT_MAX_BATCH_TOKENS=max_tokens,
+                       TTT_PAD_ROWS=rows)
         m = model_from(trained, cfg)
         m.looping = True
         monkeypatch.setattr(T.TTT, "pad_always", pad)
@@ -226,3 +228,46 @@ def test_lora_adamw_matches_torch():
         T.lora_adamw_(ps, gs, vs, t, 1e-2, 0.5)
         for p, r in zip(ps, ref):
             assert torch.allclose(p, r.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_lora_shapes_row_rules():
+    assert [B for *_, B, _ in T.lora_shapes(40, 100, 65536, True, "x8")] == [40]
+    assert [B for *_, B, _ in T.lora_shapes(40, 100, 65536, True, "pow2")] == [64]
+    assert list(T.lora_shapes(20, 2048, 65536, True, "x8")) == [(0, 20, 24, 2048)]
+    assert list(T.lora_shapes(40, 2048, 65536, True, "x8")) == [(0, 32, 32, 2048), (32, 8, 8, 2048)]
+    assert list(T.lora_shapes(5, 700, 65536, False, "x8")) == [(0, 5, 5, 700)]
+    with pytest.raises(SystemExit, match="TTT_PAD_ROWS"):
+        T.ttt_eval(None, None, None, tiny_cfg(TTT_PAD_ROWS="x4"), CPU, 0.0)
+
+
+def test_compiled_ttt_blocks_are_one_graph_and_exact(trained, monkeypatch):
+    """TTT_COMPILE: the serial blocks past the first compile into one graph of dynamic shape for every padded
+    shape of the run (no recompiles: grad mode, slot offsets, lengths), and the scores do not change. Traced with
+    a counting backend; on CPU the masked-SDPA attention would break the graph, so a traceable stand-in for
+    the GPU kernel (TTT rows are all of one length) serves both runs."""
+    import torch.nn.functional as F
+
+    def attention(q, k, v, cu, max_len, backend):
+        f = lambda t: t.view(cu.shape[0] - 1, -1, *t.shape[1:]).transpose(1, 2)
+        return F.scaled_dot_product_attention(f(q), f(k), f(v), is_causal=True, enable_gqa=True).transpose(1, 2).reshape(q.shape)
+    graphs = []
+
+    def backend(gm, example):
+        graphs.append(str(gm.meta.get("dynamo_compile_id")))  # one id per compiled graph
+        return gm.forward
+    monkeypatch.setattr(T, "varlen_attention", attention)
+    monkeypatch.setattr(T.TTT, "pad_always", True)
+    monkeypatch.setattr(T.TTT, "compile_backend", backend)
+    torch._dynamo.reset()
+    tokens, nbytes = val_stream(seed=5, n_docs=10, mean_len=80)
+    results = []
+    for compiled in (False, True):
+        cfg = tiny_cfg(PHASED_TTT_PREFIX_DOCS=0, TTT_BATCH_DOCS=10, TTT_LORA_LR=0.01, TTT_MAX_BATCH_TOKENS=300,
+                       TTT_COMPILE=compiled)
+        m = model_from(trained, cfg)
+        m.looping = True
+        torch.manual_seed(1)
+        results.append(T.ttt_eval(m, T.Scorer(m, tokens, nbytes, CPU.device), tokens, cfg, CPU, float("inf"))[0])
+    torch._dynamo.reset()
+    assert len(set(graphs)) == 1, graphs
+    assert results[1][2:] == results[0][2:] and abs(results[1][0] - results[0][0]) < 1e-6, results
