@@ -2003,7 +2003,7 @@ class TTT:
         self.tot = torch.zeros(3, dtype=torch.float64, device=rt.device)
         self.margin = 1.0 + 0.03 * cfg.eval_budget_seconds
         self.rate = dict(score=score_rate or 1e-6, sgd=None)  # seconds per token (this rank) of scoring / base SGD
-        self.adapt_log = []  # (steps, padded tokens, seconds) of each LoRA batch
+        self.adapt_log = []  # (steps, padded tokens, seconds, warmed up) of each LoRA batch
         self.shrunk, self.stats = [], dict(adapted_docs=0, score_only_docs=0, phases_done=0, full_chunks_trained=0)
         self.slots, self.t = None, torch.zeros((), device=rt.device)  # adapter slots; AdamW step count
         self.graphs = {} if cfg.ttt_cuda_graphs and rt.device.type == "cuda" else None
@@ -2030,7 +2030,8 @@ class TTT:
     def cost_fit(self):
         """(seconds per chunk step, per padded token) of the LoRA batches so far: least squares, both >= 0 (when
         the joint fit has a negative coefficient, the better of the two one-term fits)."""
-        a = np.array(self.adapt_log, dtype=np.float64).reshape(-1, 3)
+        a = np.array(self.adapt_log, dtype=np.float64).reshape(-1, 4)
+        a = a[a[:, 3] == 0] if (a[:, 3] == 0).any() else a  # a batch that warmed up (compiled) has one-time costs
         coef = np.linalg.lstsq(a[:, :2], a[:, 2], rcond=None)[0] if len(a) >= 3 else [-1]
         if min(coef) >= 0:
             return coef
@@ -2224,9 +2225,10 @@ class TTT:
                 batch, steps, work, _ = bl[bi]
                 t0 = time.perf_counter()
                 if self.adapt_cost(steps, work) + rest[bi] / rt.world * self.rate["score"] <= self.left():
+                    warm = len(self.warm)
                     self.lora_batch(batch)
                     sync(rt.device)
-                    self.adapt_log.append((steps, work, time.perf_counter() - t0))
+                    self.adapt_log.append((steps, work, time.perf_counter() - t0, len(self.warm) > warm))
                     self.stats["adapted_docs"] += len(batch)
                 else:
                     self.score_rows([r for s, e in batch for r in span_rows(s, s, e, W, W)])

@@ -271,3 +271,14 @@ def test_compiled_ttt_blocks_are_one_graph_and_exact(trained, monkeypatch):
     torch._dynamo.reset()
     assert len(set(graphs)) == 1, graphs
     assert results[1][2:] == results[0][2:] and abs(results[1][0] - results[0][0]) < 1e-6, results
+
+
+def test_cost_fit_leaves_out_warm_up_batches():
+    """The LoRA cost model that the eval budget projects with ignores batches that warmed up (first CUDA-graph
+    capture, TTT_COMPILE's compile): their one-time seconds would inflate every later projection."""
+    from types import SimpleNamespace
+    rows = [(s, w, 0.01 * s + 1e-3 * w, False) for s, w in ((10, 1000), (20, 5000), (5, 3000), (40, 2000))]
+    fit = T.TTT.cost_fit(SimpleNamespace(adapt_log=rows + [(50, 9000, 80.0, True)]))
+    assert np.allclose(fit, [0.01, 1e-3])
+    only = T.TTT.cost_fit(SimpleNamespace(adapt_log=[(50, 9000, 80.0, True)]))  # only warm-up rows: those are used
+    assert np.isclose(only @ [50, 9000], 80.0)
