@@ -106,6 +106,8 @@ CONFIG = [
     ("ARTIFACT_FIT", True, "if over the limit, widen every SDClip k just enough to fit (logged) instead of failing"),
     ("ARTIFACT_MARGIN", 0.002, "ARTIFACT_FIT aims this fraction below the limit"),
     # evaluation
+    ("EVAL_ARTIFACT", "", "path of a model.ptz: skip training and evaluate it with these eval settings (shape settings "
+                          "as in the run that wrote it); writes summary.json, no submission"),
     ("EVAL_BUDGET_SECONDS", 600.0, "evaluation budget from artifact load to the final number"),
     ("SLIDING_EVAL", False, "diagnostic sliding-window eval (stride EVAL_STRIDE)"),
     ("EVAL_STRIDE", 64, "sliding-window stride"),
@@ -1672,7 +1674,7 @@ def model_state(model):
 def load_dequantized(model, packed, cfg):
     deq = dequantize_state(packed, quant_spec(cfg))
     sd = model.state_dict()
-    missing = set(sd) ^ set(deq)
+    missing = (set(sd) ^ set(deq)) | {k for k in set(sd) & set(deq) if sd[k].shape != deq[k].shape}
     if missing:
         raise SystemExit(f"error: the artifact does not match this model configuration (tensors {sorted(missing)[:4]}...); "
                          f"evaluate with the settings it was trained with")
@@ -2428,6 +2430,18 @@ def write_json(path, obj):
     tmp.replace(path)
 
 
+def evaluate_artifact(blob, cfg, rt, backend, val_tokens, val_bytes, t_eval0, loader):
+    """What the eval timer (started at t_eval0) covers from the artifact's bytes (rank 0's) on: decode, dequantize
+    into a fresh model, evaluate. loader: training batches for CALIBRATE."""
+    model = GPT(cfg).to(rt.device)
+    model.attn_backend, model.looping = backend, cfg.num_loops > 0
+    load_dequantized(model, unpack_state(broadcast_bytes(blob, rt)), cfg)
+    res = run_evaluation(model, val_tokens, val_bytes, cfg, rt, t_eval0,
+                         lambda k: [b for _ in range(k) for b in loader.next_step()])
+    return dict(res, val_loss=res.get("ttt_val_loss") or res["quant_val_loss"],
+                val_bpb=res.get("ttt_val_bpb") or res["quant_val_bpb"])
+
+
 def main():
     cfg = Config()
     rt = setup_runtime()
@@ -2461,37 +2475,42 @@ def main():
     summary["parameters"] = n_params
     rt.log(f"model: {n_params:,} parameters, attention backend {model.attn_backend}")
     val_tokens, val_bytes = load_val(cfg, rt)
-    trainer = Trainer(cfg, rt, model)
-    t_train0 = trainer.run(summary)
-    deadline = t_train0 + cfg.max_wallclock_seconds if cfg.max_wallclock_seconds > 0 else float("inf")
-    model.looping = cfg.num_loops > 0
-    micro = cfg.train_batch_tokens // max(1, rt.world * trainer.accum)
-    hessians = None
-    if cfg.quantize:  # calibration belongs to the training budget
-        t = time.perf_counter()
-        hessians, n_cal = collect_hessians(model, trainer.loader, cfg, rt, deadline)
-        summary["hessian_s"] = round(time.perf_counter() - t, 2)
-        rt.log(f"GPTQ Hessians: {n_cal} batches in {summary['hessian_s']}s")
-    summary["train_wallclock_s"] = round(time.perf_counter() - t_train0, 2)
-    rt.log(f"training wallclock incl. calibration: {summary['train_wallclock_s']}s")
-    loss, bpb, n, nb = eval_windows(Scorer(model, val_tokens, val_bytes, rt.device),
-                                    plain_rows(val_tokens, cfg.train_seq_len, cfg.val_max_tokens), rt, micro)
-    summary.update(pre_quant_val_bpb=bpb, pre_quant_val_loss=loss, val_loss=loss, val_bpb=bpb, val_tokens=n, val_bytes=nb)
-    rt.log(f"pre-quant val_loss {loss:.5f} val_bpb {bpb:.5f} ({n:,} tokens, {nb:,} bytes)")
-    failure = None
-    if cfg.quantize:
-        failure = build_artifact(model, hessians, cfg, rt, out_dir, summary)
+    failure, backend = None, model.attn_backend
+    if cfg.eval_artifact:  # re-evaluate a saved artifact with this run's eval settings: no training
+        path = Path(cfg.eval_artifact)
+        if not path.is_file():
+            raise SystemExit(f"error: EVAL_ARTIFACT={cfg.eval_artifact}: no such file; give the model.ptz a run wrote")
         t_eval0 = time.perf_counter()
-        eval_model = GPT(cfg).to(rt.device)
-        eval_model.attn_backend, eval_model.looping = model.attn_backend, cfg.num_loops > 0
-        blob = (out_dir / "model.ptz").read_bytes() if rt.master else None
-        load_dequantized(eval_model, unpack_state(broadcast_bytes(blob, rt)), cfg)
+        loader = TrainLoader(cfg, rt, cfg.grad_accum_steps or max(1, 8 // rt.world)) if cfg.calibrate else None
         del model
-        summary.update(run_evaluation(eval_model, val_tokens, val_bytes, cfg, rt, t_eval0,
-                                      lambda k: [b for _ in range(k) for b in trainer.loader.next_step()]))
-        summary.update(val_loss=summary.get("ttt_val_loss") or summary["quant_val_loss"],
-                       val_bpb=summary.get("ttt_val_bpb") or summary["quant_val_bpb"])
-    why_not = failure or (None if cfg.quantize else "QUANTIZE=0: pre-quant diagnostic, no artifact")
+        summary.update(eval_artifact=str(path), artifact_bytes=path.stat().st_size, **evaluate_artifact(
+            path.read_bytes() if rt.master else None, cfg, rt, backend, val_tokens, val_bytes, t_eval0, loader))
+        why_not = "EVAL_ARTIFACT: a re-evaluation; the submission is that of the run that wrote the artifact"
+    else:
+        trainer = Trainer(cfg, rt, model)
+        t_train0 = trainer.run(summary)
+        deadline = t_train0 + cfg.max_wallclock_seconds if cfg.max_wallclock_seconds > 0 else float("inf")
+        model.looping = cfg.num_loops > 0
+        micro = cfg.train_batch_tokens // max(1, rt.world * trainer.accum)
+        hessians = None
+        if cfg.quantize:  # calibration belongs to the training budget
+            t = time.perf_counter()
+            hessians, n_cal = collect_hessians(model, trainer.loader, cfg, rt, deadline)
+            summary["hessian_s"] = round(time.perf_counter() - t, 2)
+            rt.log(f"GPTQ Hessians: {n_cal} batches in {summary['hessian_s']}s")
+        summary["train_wallclock_s"] = round(time.perf_counter() - t_train0, 2)
+        rt.log(f"training wallclock incl. calibration: {summary['train_wallclock_s']}s")
+        loss, bpb, n, nb = eval_windows(Scorer(model, val_tokens, val_bytes, rt.device),
+                                        plain_rows(val_tokens, cfg.train_seq_len, cfg.val_max_tokens), rt, micro)
+        summary.update(pre_quant_val_bpb=bpb, pre_quant_val_loss=loss, val_loss=loss, val_bpb=bpb, val_tokens=n, val_bytes=nb)
+        rt.log(f"pre-quant val_loss {loss:.5f} val_bpb {bpb:.5f} ({n:,} tokens, {nb:,} bytes)")
+        if cfg.quantize:
+            failure = build_artifact(model, hessians, cfg, rt, out_dir, summary)
+            t_eval0 = time.perf_counter()
+            del model
+            blob = (out_dir / "model.ptz").read_bytes() if rt.master else None
+            summary.update(evaluate_artifact(blob, cfg, rt, backend, val_tokens, val_bytes, t_eval0, trainer.loader))
+        why_not = failure or (None if cfg.quantize else "QUANTIZE=0: pre-quant diagnostic, no artifact")
     summary["valid"] = why_not is None
     if rt.master:
         write_json(out_dir / "summary.json", summary)

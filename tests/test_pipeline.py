@@ -79,3 +79,22 @@ def test_missing_data_is_named(tmp_path):
     r = run([str(ROOT / "train_gpt.py")], cwd=tmp_path, env=dict(RUN_PRESET="tiny", DATA_PATH=str(tmp_path / "nope")))
     assert r.returncode != 0
     assert str(tmp_path / "nope") in r.stderr and "prepare_caseops_data.py" in r.stderr
+
+
+def test_eval_artifact_reevaluates_without_training(demo_run, tmp_path):
+    """EVAL_ARTIFACT: the saved model.ptz is evaluated again with other eval settings (here TTT off), without
+    training: the quantized val_bpb is the same number, no submission is written, and a model of other shape
+    settings is refused with an error that names the mismatch."""
+    work, r = demo_run
+    s = json.loads((work / "run" / "summary.json").read_text())
+    env = dict(RUN_PRESET="tiny", ARTIFACT_DIR=str(tmp_path / "re"), EVAL_ARTIFACT=str(work / "run" / "model.ptz"),
+               TTT_MODE="off", DATA_PATH=str(work / "data" / "demo"), OMP_NUM_THREADS="2")
+    r2 = run([str(ROOT / "train_gpt.py")], cwd=work, env=env)
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    s2 = json.loads((tmp_path / "re" / "summary.json").read_text())
+    assert s2["quant_val_bpb"] == pytest.approx(s["quant_val_bpb"], abs=1e-9) and s2["val_bpb"] == s2["quant_val_bpb"]
+    assert s2["valid"] is False and s2.get("train_wallclock_s") is None and not (tmp_path / "re" / "submission.json").exists()
+    r3 = run([str(ROOT / "train_gpt.py")], cwd=work, env=dict(env, ARTIFACT_DIR=str(tmp_path / "re3"), MODEL_DIM="128"))
+    assert r3.returncode != 0 and "does not match this model configuration" in r3.stderr
+    r4 = run([str(ROOT / "train_gpt.py")], cwd=work, env=dict(env, EVAL_ARTIFACT=str(tmp_path / "none.ptz")))
+    assert r4.returncode != 0 and "EVAL_ARTIFACT" in r4.stderr and "no such file" in r4.stderr
