@@ -953,10 +953,14 @@ def compile_blocks(model, dynamic, backend="inductor"):
     return [torch.compile(b, dynamic=dynamic, backend=backend) for b in model.blocks]
 
 
+def grad_accum(cfg, rt):  # micro-batches per step and rank: 1, 2, 4 or 8 GPUs train the same global batch
+    return cfg.grad_accum_steps or max(1, 8 // rt.world)
+
+
 class Trainer:
     def __init__(self, cfg, rt, model):
         self.cfg, self.rt, self.model = cfg, rt, model
-        self.accum = cfg.grad_accum_steps or max(1, 8 // rt.world)
+        self.accum = grad_accum(cfg, rt)
         self.loader = TrainLoader(cfg, rt, self.accum)
         self.muon, self.adam = build_optimizers(model, cfg, rt)
         self.adam_params = [p for g in self.adam.param_groups for p in g["params"]]
@@ -2013,9 +2017,10 @@ class TTT:
         self.pad = self.graphs is not None or TTT.pad_always
         # compiled: the serial blocks past the first, 13 of 17 layer calls when looping, in one graph of dynamic
         # shape. Each further kind (first block, parallel blocks, single rows) would cost a compile of its own
-        on = cfg.ttt_compile and cfg.ttt_mode == "phased" and (rt.device.type == "cuda" or TTT.compile_backend != "inductor")
-        fns = compile_blocks(model, True, TTT.compile_backend) if on else None
-        self.block_fns = [f if i and not b.parallel else b for i, (f, b) in enumerate(zip(fns, model.blocks))] if on else None
+        self.block_fns = None
+        if cfg.ttt_compile and cfg.ttt_mode == "phased" and (rt.device.type == "cuda" or TTT.compile_backend != "inductor"):
+            fns = compile_blocks(model, True, TTT.compile_backend)
+            self.block_fns = [f if i and not b.parallel else b for i, (f, b) in enumerate(zip(fns, model.blocks))]
         self.warm = set()  # kinds of step (compiled or not) already run once, so that no capture compiles
 
     def left(self):
@@ -2084,11 +2089,14 @@ class TTT:
         ad["head"] = next(it)
         return ad
 
+    def compiled(self, meta):  # whether a step of these rows runs the compiled blocks (TTT_COMPILE; not single rows)
+        return self.block_fns is not None and meta.shape[1] > 1
+
     def lora_step(self, ps, vs, meta, L, rows, train):
         """One chunk step of a slice of documents (rows of the slot tensors ps / vs): score the chunk (adds to the
         totals), then one AdamW step of each training document's adapter on it. meta: (4, B) starts, lengths,
         score-froms, train flags. The same code runs eagerly or captured in a CUDA graph (rows: trace only)."""
-        compiled = self.block_fns is not None and meta.shape[1] > 1
+        compiled = self.compiled(meta)
         grad = train or compiled  # compiled blocks: one grad mode, so one graph
         # slices of the slots past the first start at an offset; compiled blocks would need a graph for those
         leaves = [(p.detach().clone() if compiled and ps[0].storage_offset() else p.detach()).requires_grad_(grad) for p in ps]
@@ -2112,8 +2120,8 @@ class TTT:
         """Per-document adapters over a batch of documents, longest first: chunk c of every document still going
         is scored, then each adapter takes one AdamW step on its document's (now scored) chunk. The documents
         still going are always the first slots, so the forwards cover slots [0, active). With CUDA graphs, row
-        counts are padded to powers of two and lengths to buckets (rows (0, 0, 0): nothing scored or learned);
-        padding changes no score (tests)."""
+        counts and lengths are padded (lora_shapes; rows (0, 0, 0): nothing scored or learned); padding changes no
+        score (tests)."""
         C, W, n, dev = self.cfg.ttt_chunk, self.cfg.ttt_context, len(batch), self.rt.device
         batch = sorted(batch, key=lambda d: d[0] - d[1])  # the documents still going are then a prefix
         if self.slots is None or self.slots[0][0].shape[0] < n:
@@ -2141,7 +2149,7 @@ class TTT:
         g, tot = self.graphs.get(key), self.tot
         if g is None:
             try:
-                kind = self.block_fns is not None and meta.shape[1] > 1
+                kind = self.compiled(meta)
                 if kind not in self.warm:
                     self.warm.add(kind)
                     s = torch.cuda.Stream()
@@ -2481,7 +2489,7 @@ def main():
         if not path.is_file():
             raise SystemExit(f"error: EVAL_ARTIFACT={cfg.eval_artifact}: no such file; give the model.ptz a run wrote")
         t_eval0 = time.perf_counter()
-        loader = TrainLoader(cfg, rt, cfg.grad_accum_steps or max(1, 8 // rt.world)) if cfg.calibrate else None
+        loader = TrainLoader(cfg, rt, grad_accum(cfg, rt)) if cfg.calibrate else None
         del model
         summary.update(eval_artifact=str(path), artifact_bytes=path.stat().st_size, **evaluate_artifact(
             path.read_bytes() if rt.master else None, cfg, rt, backend, val_tokens, val_bytes, t_eval0, loader))
