@@ -4,7 +4,9 @@
 
 train: compiles (COMPILE_SCOPE as set), times PROFILE_STEPS steps before and after looping, then profiles one
 step of each and prints GPU time per kernel category and the top kernels. ttt: times LoRA TTT batches (TTT_CUDA_GRAPHS
-as set; the kernel table is that of the eager path when it is 0) of 1, 8 and TTT_BATCH_DOCS documents. matmul: the bf16 matmul ceiling used for MFU."""
+as set; the kernel table is that of the eager path when it is 0) of 1, 8 and TTT_BATCH_DOCS documents; the table covers
+3 chunk steps, or the whole batch with PROFILE_TTT_FULL=1. matmul: the bf16 matmul ceiling used for MFU. PROFILE_ROWS
+sets how many kernels the tables list (25)."""
 import os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
@@ -36,7 +38,7 @@ def category(name):
     return "other"
 
 
-def gpu_table(prof, total_label, rows=25):
+def gpu_table(prof, total_label, rows=int(os.environ.get("PROFILE_ROWS", "25"))):
     evs = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     tot = sum(e.self_device_time_total for e in evs) or 1
     cats = {}
@@ -49,7 +51,7 @@ def gpu_table(prof, total_label, rows=25):
         print(f"{k:24s} {t / 1e3:9.2f} {100 * t / tot:6.1f} {n:9d}")
     print(f"{'kernel':80s} {'ms':>8s} {'n':>6s}")
     for e in sorted(evs, key=lambda e: -e.self_device_time_total)[:rows]:
-        print(f"{e.key[:80]:80s} {e.self_device_time_total / 1e3:8.2f} {e.count:6d}")
+        print(f"{e.key[:120]:80s} {e.self_device_time_total / 1e3:8.2f} {e.count:6d}")
 
 
 def timed(fn, n):
@@ -130,9 +132,9 @@ if "ttt" in what:
               f"{toks / dt:,.0f} scored tok/s, {work / dt:,.0f} padded tok/s", flush=True)
         if n == 1 or n == cfg.ttt_batch_docs:
             from torch.profiler import profile, ProfilerActivity
-            short = [(s, min(e, s + 3 * cfg.ttt_chunk)) for s, e in batch]
+            short = batch if os.environ.get("PROFILE_TTT_FULL") == "1" else [(s, min(e, s + 3 * cfg.ttt_chunk)) for s, e in batch]
             with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
                 ttt.lora_batch(short); T.sync(dev)
-            gpu_table(prof, f"TTT LoRA batch of {n} docs, 3 chunk steps", rows=12)
+            gpu_table(prof, f"TTT LoRA batch of {n} docs, {ttt.plan(short)[0]} chunk steps")
             cpu = sum(e.self_cpu_time_total for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU)
-            print(f"CPU self time of those 3 steps: {cpu / 1e3:.1f} ms", flush=True)
+            print(f"CPU self time of those steps: {cpu / 1e3:.1f} ms", flush=True)
