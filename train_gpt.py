@@ -343,7 +343,6 @@ class TrainLoader:
             raise SystemExit(f"error: TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} is not divisible by "
                              f"WORLD_SIZE*GRAD_ACCUM_STEPS={n_chunks}")
         self.micro = cfg.train_batch_tokens // n_chunks
-        self.cu_len = self.micro // 64 + self.micro // self.seq_len + 2
         self.vocab = cfg.vocab_size
 
     def next_step(self):
@@ -361,14 +360,14 @@ class TrainLoader:
         return out
 
     def to_device(self, x, y):
-        cu = segment_bounds(x, self.seq_len)
-        while len(cu) > self.cu_len:
-            self.cu_len *= 2
-        cu = np.pad(cu, (0, self.cu_len - len(cu)), constant_values=len(x))
+        """cu_seqlens is exact, not padded to a fixed length: each padding entry is an empty segment that the
+        attention kernels still launch blocks for. Its length is marked dynamic, so one compiled graph serves all."""
         dev = self.device
         pin = dev.type == "cuda"
         t = lambda a, dt: (torch.from_numpy(a).to(dt).pin_memory() if pin else torch.from_numpy(a).to(dt)).to(dev, non_blocking=True)
-        return t(x, torch.int64), t(y, torch.int64), t(cu, torch.int32)
+        cu = t(segment_bounds(x, self.seq_len), torch.int32)
+        torch._dynamo.maybe_mark_dynamic(cu, 0)
+        return t(x, torch.int64), t(y, torch.int64), cu
 
 
 def load_val(cfg, rt):
@@ -439,10 +438,12 @@ def pick_attention(requested: str, device) -> str:
     except Exception:
         pass
     have["sdpa"] = True
-    if requested == "auto":  # fa4 only on request: its kernels have not been timed or checked on a GPU here yet
+    if requested == "auto":  # fa4 only on request: a training step with it was slower than varlen on an H200
         return next(b for b in ("fa3", "varlen", "sdpa") if have.get(b))
     if not have.get(requested):
         raise SystemExit(f"error: ATTN_BACKEND={requested} is not importable here; available: {sorted(k for k in have if have[k])}")
+    if requested == "fa4":  # define the custom op now: defining it while torch.compile traces would break the graph
+        fa4_op()
     return requested
 
 

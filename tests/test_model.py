@@ -152,6 +152,47 @@ def test_loader_targets_are_next_tokens(tiny_data):
     assert torch.equal(x0[1:], y0[:-1]) and y0[-1] == x1[0] and y1[-1] == s2[0][0][0]
 
 
+def test_loader_cu_seqlens_exact_and_one_compiled_graph(tiny_data):
+    """The loader's cu_seqlens has no padding entries (an empty segment still costs the attention kernels a
+    launch of blocks), and its varying length does not recompile the training graph: one graph for every step.
+    Traced with a counting backend; a traceable stand-in (a block-diagonal causal mask from cu) replaces the GPU
+    kernel, whose place the masked-SDPA fallback (a graph break) would otherwise take."""
+    import torch.nn.functional as F
+
+    def attention(q, k, v, cu, max_len, backend):
+        ar = torch.arange(q.shape[0])
+        seg = torch.searchsorted(cu, ar.to(cu.dtype), right=True)
+        mask = (seg[:, None] == seg[None, :]) & (ar[None, :] <= ar[:, None])
+        return F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+                                              enable_gqa=True).transpose(0, 1)
+    graphs = []
+
+    def backend(gm, example):
+        graphs.append(str(gm.meta.get("dynamo_compile_id")))
+        return gm.forward
+    cfg = T.Config(dict(TINY, DATA_PATH=str(tiny_data), GRAD_ACCUM_STEPS="1"))
+    ld = T.TrainLoader(cfg, T.Runtime(0, 1, 0, torch.device("cpu"), True), 1)
+    m = make_model(seed=3)
+    orig = T.varlen_attention
+    T.varlen_attention = attention
+    try:
+        torch._dynamo.reset()
+        fn = torch.compile(m, dynamic=False, backend=backend)
+        lens = set()
+        for _ in range(4):
+            (x, y, cu), = ld.next_step()
+            c = cu.tolist()
+            assert c[0] == 0 and c[-1] == len(x) and all(b > a for a, b in zip(c, c[1:]))
+            assert c == T.segment_bounds(x.numpy(), cfg.train_seq_len).tolist()
+            lens.add(len(c))
+            got, want = fn(x[None], y[None], cu, cfg.train_seq_len), m(x[None], y[None], cu, cfg.train_seq_len)
+            assert torch.allclose(got, want, atol=1e-5)
+    finally:
+        T.varlen_attention = orig
+        torch._dynamo.reset()
+    assert len(lens) > 1 and len(set(graphs)) == 1, (lens, graphs)
+
+
 def test_same_seed_same_loss_curve(tiny_data):
     def curve():
         cfg = T.Config(dict(TINY, DATA_PATH=str(tiny_data), ITERATIONS="4", WARMUP_STEPS="1"))
