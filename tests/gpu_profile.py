@@ -111,7 +111,7 @@ if "train" in what:
 
 if "ttt" in what:
     m = T.GPT(cfg).to(dev)
-    m.attn_backend, m.looping = T.pick_attention(cfg.attn_backend, dev), True
+    m.attn_backend, m.looping = T.pick_attention(cfg.attn_backend, dev, training=False), True
     val = np.concatenate([np.asarray(T.read_shard(f)) for f in T.list_shards(cfg.data_path, "val")]).astype(np.int64)
     nb = np.ones_like(val)
     sc = T.Scorer(m, val, nb, dev, cfg.fused_ce)

@@ -28,7 +28,7 @@ docs = T.doc_ranges(val)
 prefix = len(docs)  # as on the whole bench val set, whose 2,000 docs are all within PHASED_TTT_PREFIX_DOCS=2,500
 torch.manual_seed(0)
 base = T.GPT(cfg0).to(dev)
-base.attn_backend = T.pick_attention(cfg0.attn_backend, dev)
+base.attn_backend = T.pick_attention(cfg0.attn_backend, dev, training=False)
 state = copy.deepcopy(base.state_dict())
 print(f"{len(val):,} tokens, {len(docs)} docs (longest {max(e - s for s, e in docs):,}), prefix docs {prefix}", flush=True)
 times = {}

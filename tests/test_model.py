@@ -282,6 +282,31 @@ def test_fa4_custom_op_wiring(monkeypatch):
     assert torch.allclose(out, ref, atol=1e-5) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, ref_grads))
 
 
+def test_auto_attention_choice_and_self_check(monkeypatch):
+    """auto: fa4 (when importable and its self-check passes) trains, evaluation stays on varlen; a failing or wrong
+    fa4 is skipped with a log line. The self-check itself (on CPU, SDPA against SDPA) catches a wrong backend."""
+    notes = []
+    assert T.attention_agrees("sdpa", torch.device("cpu"), (4, 2, 16), notes.append) and not notes
+    real = T.varlen_attention
+
+    def wrong(q, k, v, cu, max_len, backend):  # a planted bug: keys of the wrong segment order
+        return real(q, k.flip(0) if backend == "bad" else k, v, cu, max_len, "sdpa")
+    monkeypatch.setattr(T, "varlen_attention", wrong)
+    assert not T.attention_agrees("bad", torch.device("cpu"), (4, 2, 16), notes.append) and "relative error" in notes[-1]
+    monkeypatch.setattr(T, "varlen_attention", real)
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(T, "available_backends", lambda d: {"fa4": True, "varlen": True, "sdpa": True})
+    monkeypatch.setattr(T, "fa4_op", lambda: None)
+    for ok, train_choice in ((True, "fa4"), (False, "varlen")):
+        monkeypatch.setattr(T, "attention_agrees", lambda b, d, h, log, ok=ok: ok)
+        assert T.pick_attention("auto", gpu, True) == train_choice
+        assert T.pick_attention("auto", gpu, False) == "varlen"
+        assert T.pick_attention("fa4", gpu, False) == "fa4"  # named: used everywhere
+    monkeypatch.setattr(T, "available_backends", lambda d: {"sdpa": True})
+    with pytest.raises(SystemExit, match="ATTN_BACKEND=fa4 is not available"):
+        T.pick_attention("fa4", torch.device("cpu"))
+
+
 def test_asym_softcap_gets_gradient():
     m = make_model(ASYM_SOFTCAP=1)
     ids = torch.randint(4, 1024, (1, 32)); ids[0, 0] = 1
