@@ -26,18 +26,16 @@ for V in (8192, 1000):
     l2 = T.softcap_ce_eager(z, y, 30.0); l2.sum().backward(); g2 = z.grad.clone()
     check(f"fused CE loss V={V}", l1, l2, 1e-5); check(f"fused CE grad V={V}", g1, g2, 1e-2)
 
-# attention backends vs masked SDPA on packed docs
-cu = torch.tensor([0, 100, 400, 1024, 1500, 2048], device=dev, dtype=torch.int32)
-q = torch.randn(2048, 8, 64, device=dev, dtype=torch.bfloat16)
-k = torch.randn(2048, 4, 64, device=dev, dtype=torch.bfloat16)
-v = torch.randn(2048, 4, 64, device=dev, dtype=torch.bfloat16)
-ref = T.varlen_attention(q.float(), k.float(), v.float(), cu, 2048, "sdpa")
+# attention backends: forward and gradients vs fp32 masked SDPA on packed docs (the self-check ATTN_BACKEND=auto runs)
 for b in ("fa3", "fa4", "varlen"):
     try:
         T.pick_attention(b, dev)
     except SystemExit as e:
         print(f"skip {b}: {e}"); continue
-    check(f"attention {b}", T.varlen_attention(q, k, v, cu, 2048, b), ref, 2e-2)
+    ok = T.attention_agrees(b, dev, (8, 4, 64), print)
+    print(f"{'OK ' if ok else 'FAIL'} attention {b}: forward and gradients vs SDPA (rel err < 2e-2)", flush=True)
+    if not ok:
+        fails.append(f"attention {b}")
 print("varlen_attn params:", sorted(T.VARLEN_PARAMS))
 print("GPU CHECKS:", "FAILED " + ", ".join(fails) if fails else "all passed", flush=True)
 sys.exit(1 if fails else 0)
