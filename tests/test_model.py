@@ -152,7 +152,8 @@ def test_loader_targets_are_next_tokens(tiny_data):
     assert torch.equal(x0[1:], y0[:-1]) and y0[-1] == x1[0] and y1[-1] == s2[0][0][0]
 
 
-def test_loader_cu_seqlens_exact_and_one_compiled_graph(tiny_data):
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_loader_cu_seqlens_exact_and_one_compiled_graph(tiny_data, scope):
     """The loader's cu_seqlens has no padding entries (an empty segment still costs the attention kernels a
     launch of blocks), and its varying length does not recompile the training graph: one graph for every step.
     Traced with a counting backend; a traceable stand-in (a block-diagonal causal mask from cu) replaces the GPU
@@ -177,20 +178,28 @@ def test_loader_cu_seqlens_exact_and_one_compiled_graph(tiny_data):
     T.varlen_attention = attention
     try:
         torch._dynamo.reset()
-        fn = torch.compile(m, dynamic=False, backend=backend)
-        lens = set()
+        if scope == "model":
+            fn = torch.compile(m, dynamic=False, backend=backend)
+        else:  # COMPILE_SCOPE=blocks: one graph per block kind, whatever the batch
+            m.block_fns, fn = T.compile_blocks(m, dynamic=False, backend=backend), m
+        lens, kinds = set(), None
         for _ in range(4):
             (x, y, cu), = ld.next_step()
             c = cu.tolist()
             assert c[0] == 0 and c[-1] == len(x) and all(b > a for a, b in zip(c, c[1:]))
             assert c == T.segment_bounds(x.numpy(), cfg.train_seq_len).tolist()
             lens.add(len(c))
-            got, want = fn(x[None], y[None], cu, cfg.train_seq_len), m(x[None], y[None], cu, cfg.train_seq_len)
+            got = fn(x[None], y[None], cu, cfg.train_seq_len)
+            fns, m.block_fns = m.block_fns, None
+            want = m(x[None], y[None], cu, cfg.train_seq_len)  # eager
+            m.block_fns = fns
+            kinds = len(set(graphs)) if kinds is None else kinds
             assert torch.allclose(got, want, atol=1e-5)
     finally:
         T.varlen_attention = orig
         torch._dynamo.reset()
-    assert len(lens) > 1 and len(set(graphs)) == 1, (lens, graphs)
+    assert len(lens) > 1 and len(set(graphs)) == kinds, (lens, graphs)
+    assert kinds == 1 if scope == "model" else kinds >= 2, graphs
 
 
 def test_same_seed_same_loss_curve(tiny_data):
