@@ -66,7 +66,7 @@ CONFIG = [
     ("TRAIN_BATCH_TOKENS", 786432, "global tokens per step"),
     ("TRAIN_SEQ_LEN", 2048, "attention window within packed documents"),
     ("GRAD_ACCUM_STEPS", 0, "micro-steps per step per rank; 0 = 8 // WORLD_SIZE"),
-    ("WARMUP_STEPS", 3, "compile warm-up steps per loop setting; their state is discarded"),
+    ("WARMUP_STEPS", 1, "compile warm-up steps per loop setting; their state is discarded"),
     ("WARMDOWN_FRAC", 0.85, "fraction of training in linear LR warm-down"),
     ("MIN_LR", 0.1, "LR multiplier floor at the end of warm-down"),
     ("MATRIX_LR", 0.026, "Muon learning rate"),
@@ -85,7 +85,9 @@ CONFIG = [
     ("VAL_LOSS_EVERY", 0, "diagnostic val eval every N steps (0 = end only)"),
     ("COMPILE", True, "torch.compile for training (GPU)"),
     ("COMPILE_SCOPE", "model", "model: compile the whole model (fastest steps) | blocks: one block graph reused by every "
-                               "layer (start-up 64 s instead of ~190 s on a fresh H100, steps ~10% slower before looping)"),
+                               "layer (faster start-up, slower steps)"),
+    ("COMPILE_HELPER", True, "start-up (GPU, COMPILE_SCOPE=model): a second process compiles the loop-off training graph "
+                             "into the inductor cache while this one compiles the looping graph"),
     ("FUSED_CE", True, "Triton fused softcapped cross-entropy (GPU, symmetric cap)"),
     ("ATTN_BACKEND", "auto", "auto (fa3; else fa4 for training, self-checked; else varlen on GPU; sdpa on CPU; evaluation "
                              "and TTT use fa4 only when named) | fa3 | fa4 | varlen | sdpa"),
@@ -265,6 +267,12 @@ def setup_runtime() -> Runtime:
     return Runtime(rank, world, local_rank, device, rank == 0)
 
 
+def setup_torch(rt):  # backend flags (the compile helper sets the same, so its cache entries match)
+    if rt.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def all_reduce_(t, op=None):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
@@ -358,18 +366,19 @@ class TrainLoader:
         for a in range(self.accum):
             c = a * self.world + self.rank
             chunk = span[c * self.micro:(c + 1) * self.micro + 1].astype(np.int64)
-            out.append(self.to_device(chunk[:-1], chunk[1:]))
+            out.append(packed_batch(chunk[:-1], chunk[1:], self.seq_len, self.device))
         return out
 
-    def to_device(self, x, y):
-        """cu_seqlens is exact, not padded to a fixed length: each padding entry is an empty segment that the
-        attention kernels still launch blocks for. Its length is marked dynamic, so one compiled graph serves all."""
-        dev = self.device
-        pin = dev.type == "cuda"
-        t = lambda a, dt: (torch.from_numpy(a).to(dt).pin_memory() if pin else torch.from_numpy(a).to(dt)).to(dev, non_blocking=True)
-        cu = t(segment_bounds(x, self.seq_len), torch.int32)
-        torch._dynamo.maybe_mark_dynamic(cu, 0)
-        return t(x, torch.int64), t(y, torch.int64), cu
+
+def packed_batch(x, y, seq_len, dev):
+    """(x, y, cu_seqlens) on the device. cu_seqlens is exact, not padded to a fixed length: each padding entry is an
+    empty segment that the attention kernels still launch blocks for. Its length is marked dynamic, so one compiled
+    graph serves all."""
+    pin = dev.type == "cuda"
+    t = lambda a, dt: (torch.from_numpy(a).to(dt).pin_memory() if pin else torch.from_numpy(a).to(dt)).to(dev, non_blocking=True)
+    cu = t(segment_bounds(x, seq_len), torch.int32)
+    torch._dynamo.maybe_mark_dynamic(cu, 0)
+    return t(x, torch.int64), t(y, torch.int64), cu
 
 
 def load_val(cfg, rt):
@@ -985,6 +994,75 @@ def compile_blocks(model, dynamic, backend="inductor"):
     return [torch.compile(b, dynamic=dynamic, backend=backend) for b in model.blocks]
 
 
+def cache_counts(since=None):
+    """(hits, misses) of torch.compile's on-disk caches (AOTAutograd and FX graph) so far, or since an earlier count."""
+    c = torch._dynamo.utils.counters
+    n = [sum(v for k, v in {**c["aot_autograd"], **c["inductor"]}.items() if k.endswith(w)) for w in ("cache_hit", "cache_miss")]
+    return tuple(a - b for a, b in zip(n, since)) if since else tuple(n)
+
+
+def start_compile_helper(cfg, rt):
+    """`python train_gpt.py compile-helper` in the background, with this process's settings and GPU: one per rank,
+    because the inductor cache keys hold the device index."""
+    import atexit, subprocess, tempfile
+    if not (cfg.compile and cfg.compile_helper and cfg.compile_scope == "model" and rt.device.type == "cuda"):
+        return None
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "compile-helper", str(rt.local_rank)],
+                            stdout=log, stderr=log, preexec_fn=lambda: os.nice(5))  # this process's compile first
+    proc.log = log
+    atexit.register(lambda: proc.poll() is None and proc.kill())  # the run ended early: no orphan
+    return proc
+
+
+def join_compile_helper(proc, rt, timeout=900):
+    if proc is None:
+        return
+    try:
+        proc.wait(timeout)
+    except Exception:
+        proc.kill()
+    if proc.wait() != 0:  # the main process compiles the graph itself: slower start-up, same training
+        proc.log.seek(0)
+        tail = proc.log.read().decode(errors="replace").strip().splitlines()[-3:]
+        rt.log(f"warning: the compile helper failed (exit {proc.returncode}): {' | '.join(tail)[-400:]}; "
+               f"compiling here instead (COMPILE_HELPER=0 skips the helper)")
+
+
+def compile_helper(gpu, backend="inductor"):
+    """The helper's work: the loop-off training graph of this configuration, compiled by one forward and backward of a
+    synthetic micro-batch of the real shapes (micro_loss, as in training); only the compile caches it writes are used.
+    Without a GPU (tests) it runs on the CPU."""
+    cfg = Config()
+    device = torch.device("cuda", gpu) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rt = Runtime(0, int(os.environ.get("WORLD_SIZE", "1")), gpu, device, False)
+    setup_torch(rt)
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg).to(device)
+    heads = (cfg.num_heads, cfg.num_kv_heads, cfg.model_dim // cfg.num_heads)
+    model.attn_backend = pick_attention(cfg.attn_backend, device, True, heads, lambda m: None)
+    n = cfg.train_batch_tokens // (rt.world * grad_accum(cfg, rt))
+    x = torch.randint(0, cfg.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(0)).numpy()
+    x[::997] = BOS_ID
+    micro_loss(torch.compile(model, dynamic=False, backend=backend), packed_batch(x[:-1], x[1:], cfg.train_seq_len, device),
+               cfg, fused_ce_on(cfg, device)).backward()
+    sync(device)
+
+
+def fused_ce_on(cfg, device):
+    return cfg.fused_ce and device.type == "cuda" and HAVE_TRITON
+
+
+def micro_loss(loss_fn, batch, cfg, fused_ce):
+    """Mean loss of one packed micro-batch (x, y, cu) through the (compiled) model: the call every compiled training
+    graph comes from."""
+    x, y, cu = batch
+    with autocast(x.device):
+        return loss_fn(x[None], y[None], cu, cfg.train_seq_len, fused_ce=fused_ce).mean()
+
+
 def grad_accum(cfg, rt):  # micro-batches per step and rank: 1, 2, 4 or 8 GPUs train the same global batch
     return cfg.grad_accum_steps or max(1, 8 // rt.world)
 
@@ -1006,7 +1084,7 @@ class Trainer:
                 raise SystemExit(f"error: COMPILE_SCOPE={cfg.compile_scope!r}; use blocks or model")
         # the wallclock stop needs one agreed clock; a CPU group agrees without waiting for the GPU queue
         self.clock_group = dist.new_group(backend="gloo") if rt.world > 1 else None
-        self.fused_ce = cfg.fused_ce and rt.device.type == "cuda" and HAVE_TRITON
+        self.fused_ce = fused_ce_on(cfg, rt.device)
         self.ema = None
 
     def budget(self):
@@ -1024,9 +1102,8 @@ class Trainer:
         for g in self.adam.param_groups:
             g["lr"] = g["base_lr"] * mult
         total = torch.zeros((), device=self.rt.device)
-        for x, y, cu in self.loader.next_step():
-            with autocast(self.rt.device):
-                loss = self.loss_fn(x[None], y[None], cu, cfg.train_seq_len, fused_ce=self.fused_ce).mean()
+        for batch in self.loader.next_step():
+            loss = micro_loss(self.loss_fn, batch, cfg, self.fused_ce)
             (loss / self.accum).backward()
             total += loss.detach() / self.accum
         shards = self.muon.shard_grads()
@@ -1055,15 +1132,26 @@ class Trainer:
         return total
 
     def warmup(self):
-        """Compile both loop settings; every trace of these steps (weights, optimizer, data position) is undone."""
-        if self.cfg.warmup_steps <= 0:
+        """Compile both loop settings, the looping graph first while a helper process compiles the other into the
+        inductor cache (COMPILE_HELPER); every trace of these steps (weights, optimizer, data position) is undone."""
+        cfg, rt = self.cfg, self.rt
+        if cfg.warmup_steps <= 0:
             return
         saved = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.adam.state_dict()),
                  self.muon.state_dict(), self.loader.stream.state())
-        for looping in (False, True):
+        # started only now: during the set-up above it slowed this process down (16 CPU cores)
+        helper = start_compile_helper(cfg, rt)
+        for looping in (True, False):
+            if not looping:  # the helper's cache entries are written: this compile only loads them
+                join_compile_helper(helper, rt)
+            t, hits = time.perf_counter(), cache_counts()
             self.model.looping = looping
-            for s in range(self.cfg.warmup_steps):
+            for s in range(cfg.warmup_steps):
                 self.train_step(s, 0.0)
+            sync(rt.device)
+            compiled = self.loss_fn is not self.model or self.block_fns is not None
+            rt.log(f"warm-up, looping {'on' if looping else 'off'}: {'compile + ' * compiled}{cfg.warmup_steps} steps in "
+                   f"{time.perf_counter() - t:.1f}s" + compiled * f" (compile cache hits/misses {cache_counts(hits)})")
         self.model.load_state_dict(saved[0]); self.adam.load_state_dict(saved[1])
         self.muon.load_state_dict(saved[2]); self.loader.stream.restore(saved[3])
         self.model.looping = False
@@ -2499,9 +2587,7 @@ def main():
            f"python {platform.python_version()}")
     rt.log("config: " + json.dumps(cfg.values, sort_keys=True))
     torch.manual_seed(cfg.seed); np.random.seed(cfg.seed)
-    if rt.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    setup_torch(rt)
     summary = dict(run_id=run_id, world_size=rt.world, seed=cfg.seed, config=cfg.values, ttt_val_bpb=None,
                    gpu=torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
                    torch=torch.__version__, python=platform.python_version(),
@@ -2580,6 +2666,8 @@ def cli(argv):
     `python train_gpt.py env-table`: the README table. No arguments: train (torchrun)."""
     if argv[:1] == ["env-table"]:
         print(env_table())
+    elif argv[:1] == ["compile-helper"] and len(argv) == 2:
+        compile_helper(int(argv[1]))
     elif argv[:1] == ["merge"] and len(argv) >= 3:
         summaries = []
         for f in argv[2:]:

@@ -152,20 +152,22 @@ def test_loader_targets_are_next_tokens(tiny_data):
     assert torch.equal(x0[1:], y0[:-1]) and y0[-1] == x1[0] and y1[-1] == s2[0][0][0]
 
 
+def traceable_attention(q, k, v, cu, max_len, backend):
+    """Stand-in for the GPU attention kernels that torch.compile traces on the CPU: a block-diagonal causal mask."""
+    import torch.nn.functional as F
+    ar = torch.arange(q.shape[0])
+    seg = torch.searchsorted(cu, ar.to(cu.dtype), right=True)
+    mask = (seg[:, None] == seg[None, :]) & (ar[None, :] <= ar[:, None])
+    return F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+                                          enable_gqa=True).transpose(0, 1)
+
+
 @pytest.mark.parametrize("scope", ["model", "blocks"])
 def test_loader_cu_seqlens_exact_and_one_compiled_graph(tiny_data, scope):
     """The loader's cu_seqlens has no padding entries (an empty segment still costs the attention kernels a
     launch of blocks), and its varying length does not recompile the training graph: one graph for every step.
     Traced with a counting backend; a traceable stand-in (a block-diagonal causal mask from cu) replaces the GPU
     kernel, whose place the masked-SDPA fallback (a graph break) would otherwise take."""
-    import torch.nn.functional as F
-
-    def attention(q, k, v, cu, max_len, backend):
-        ar = torch.arange(q.shape[0])
-        seg = torch.searchsorted(cu, ar.to(cu.dtype), right=True)
-        mask = (seg[:, None] == seg[None, :]) & (ar[None, :] <= ar[:, None])
-        return F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
-                                              enable_gqa=True).transpose(0, 1)
     graphs = []
 
     def backend(gm, example):
@@ -175,7 +177,7 @@ def test_loader_cu_seqlens_exact_and_one_compiled_graph(tiny_data, scope):
     ld = T.TrainLoader(cfg, T.Runtime(0, 1, 0, torch.device("cpu"), True), 1)
     m = make_model(seed=3)
     orig = T.varlen_attention
-    T.varlen_attention = attention
+    T.varlen_attention = traceable_attention
     try:
         torch._dynamo.reset()
         if scope == "model":
@@ -200,6 +202,58 @@ def test_loader_cu_seqlens_exact_and_one_compiled_graph(tiny_data, scope):
         torch._dynamo.reset()
     assert len(lens) > 1 and len(set(graphs)) == kinds, (lens, graphs)
     assert kinds == 1 if scope == "model" else kinds >= 2, graphs
+
+
+def test_compile_helper_compiles_the_training_graph(tiny_data, monkeypatch):
+    """COMPILE_HELPER: the helper process (`train_gpt.py compile-helper`) must trace exactly the graph of the loop-off
+    training step, or its cache entries are never hit. Both are traced with a recording backend on the CPU (the
+    helper runs on the CPU without a GPU) and their code must be equal; then the warm-up order, the wait for the
+    helper, and a failing helper's warning."""
+    codes = {}
+
+    def recorder(key):
+        def backend(gm, example):
+            codes.setdefault(key, []).append(gm.code)
+            return gm.forward
+        return backend
+    env = dict(TINY, DATA_PATH=str(tiny_data), GRAD_ACCUM_STEPS="1", WARMUP_STEPS="1")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(T, "varlen_attention", traceable_attention)
+    torch._dynamo.reset()
+    try:
+        T.compile_helper(0, backend=recorder("helper"))
+        cfg, rt = T.Config(), T.Runtime(0, 1, 0, torch.device("cpu"), True)
+        m = T.GPT(cfg)
+        tr = T.Trainer(cfg, rt, m)
+        tr.loss_fn = torch.compile(m, dynamic=False, backend=recorder("train"))
+        m.looping = True
+        tr.train_step(0, 0.0)
+        m.looping = False
+        tr.train_step(1, 0.0)
+    finally:
+        torch._dynamo.reset()
+    assert len(codes["helper"]) == 1 and len(codes["train"]) == 2
+    assert codes["train"][0] != codes["helper"][0]  # looping on: another graph
+    assert codes["train"][1] == codes["helper"][0]  # looping off: the helper's graph
+
+    class Proc:  # a helper that failed
+        returncode, waited = 3, []
+        log = __import__("io").BytesIO(b"Traceback ...\nRuntimeError: CUDA out of memory")
+
+        def wait(self, timeout=None):
+            self.waited.append(list(order))
+            return self.returncode
+    order, logs = [], []
+    rt.log = logs.append
+    tr = T.Trainer(cfg, rt, T.GPT(cfg))
+    monkeypatch.setattr(T, "start_compile_helper", lambda cfg, rt: Proc())
+    step = tr.train_step
+    tr.train_step = lambda s, f: (order.append(tr.model.looping), step(s, f))[1]
+    tr.warmup()
+    assert order == [True, False] and Proc.waited and all(w == [True] for w in Proc.waited)  # helper joined in between
+    assert any("compile helper failed (exit 3)" in line and "out of memory" in line for line in logs), logs
+    assert sum("warm-up, looping" in line for line in logs) == 2
 
 
 def test_same_seed_same_loss_curve(tiny_data):
