@@ -1005,7 +1005,9 @@ def start_compile_helper(cfg, rt):
     """`python train_gpt.py compile-helper` in the background, with this process's settings and GPU: one per rank,
     because the inductor cache keys hold the device index."""
     import atexit, subprocess, tempfile
-    if not (cfg.compile and cfg.compile_helper and cfg.compile_scope == "model" and rt.device.type == "cuda"):
+    import torch._inductor.config
+    if not (cfg.compile and cfg.compile_helper and cfg.compile_scope == "model" and rt.device.type == "cuda"
+            and torch._inductor.config.fx_graph_cache):  # without the FX graph cache it would only cost memory
         return None
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "compile-helper", str(rt.local_rank)],
@@ -1142,8 +1144,10 @@ class Trainer:
         # started only now: during the set-up above it slowed this process down (16 CPU cores)
         helper = start_compile_helper(cfg, rt)
         for looping in (True, False):
-            if not looping:  # the helper's cache entries are written: this compile only loads them
+            t = time.perf_counter()
+            if not looping and helper is not None:  # the helper's cache entries are written: this compile loads them
                 join_compile_helper(helper, rt)
+                rt.log(f"warm-up: waited {time.perf_counter() - t:.1f}s for the compile helper")
             t, hits = time.perf_counter(), cache_counts()
             self.model.looping = looping
             for s in range(cfg.warmup_steps):
