@@ -1037,8 +1037,9 @@ def compile_helper(gpu, backend="inductor"):
     Without a GPU (tests) it runs on the CPU."""
     cfg = Config()
     device = torch.device("cuda", gpu) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
+    if device.type == "cuda":  # at most 40% of the GPU: out of memory, the helper fails, never the run beside it
         torch.cuda.set_device(device)
+        torch.cuda.set_per_process_memory_fraction(0.4, device)
     rt = Runtime(0, int(os.environ.get("WORLD_SIZE", "1")), gpu, device, False)
     setup_torch(rt)
     torch.manual_seed(cfg.seed)
