@@ -1011,7 +1011,7 @@ def start_compile_helper(cfg, rt):
         return None
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "compile-helper", str(rt.local_rank)],
-                            stdout=log, stderr=log, preexec_fn=lambda: os.nice(5))  # this process's compile first
+                            stdout=log, stderr=log)
     proc.log = log
     atexit.register(lambda: proc.poll() is None and proc.kill())  # the run ended early: no orphan
     return proc
@@ -2672,6 +2672,7 @@ def cli(argv):
     if argv[:1] == ["env-table"]:
         print(env_table())
     elif argv[:1] == ["compile-helper"] and len(argv) == 2:
+        os.nice(5)  # the run's own compile, beside it, comes first
         compile_helper(int(argv[1]))
     elif argv[:1] == ["merge"] and len(argv) >= 3:
         summaries = []
