@@ -2447,7 +2447,7 @@ def run_evaluation(model, val_tokens, val_bytes, cfg, rt, t_eval0, train_batches
     """Everything after the artifact is loaded (the timer started at t_eval0): plain (and sliding) diagnostics,
     calibration, n-gram hints, then the scored TTT result; exits non-zero past EVAL_BUDGET_SECONDS."""
     model.looping = cfg.num_loops > 0
-    sc = Scorer(model, val_tokens, val_bytes, rt.device, cfg.fused_ce and rt.device.type == "cuda" and HAVE_TRITON,
+    sc = Scorer(model, val_tokens, val_bytes, rt.device, fused_ce_on(cfg, rt.device),
                 boost=cfg.ngram_boost)
     res = dict(sliding_val_bpb=None, ttt_val_loss=None, ttt_val_bpb=None, ttt_tokens_per_s=None, eval_shrunk=[])
 
