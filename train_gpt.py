@@ -9,7 +9,7 @@ Sections, in pipeline order:
 """
 from __future__ import annotations
 
-import base64, copy, difflib, glob, io, json, lzma, math, os, platform, struct, sys, time, zlib
+import base64, copy, difflib, glob, io, json, lzma, math, os, platform, struct, subprocess, sys, time, zlib
 PROCESS_START = time.perf_counter()  # start-up is counted from here, before torch is imported
 from dataclasses import dataclass
 from pathlib import Path
@@ -447,6 +447,10 @@ def available_backends(device) -> dict:
     except Exception:
         pass
     return have
+
+
+def attention_heads(cfg):  # (query heads, KV heads, head dim): the shapes the attention self-check runs at
+    return cfg.num_heads, cfg.num_kv_heads, cfg.model_dim // cfg.num_heads
 
 
 def pick_attention(requested: str, device, training=True, heads=(8, 4, 64), log=print) -> str:
@@ -1004,7 +1008,7 @@ def cache_counts(since=None):
 def start_compile_helper(cfg, rt):
     """`python train_gpt.py compile-helper` in the background, with this process's settings and GPU: one per rank,
     because the inductor cache keys hold the device index."""
-    import atexit, subprocess, tempfile
+    import atexit, tempfile
     import torch._inductor.config
     if not (cfg.compile and cfg.compile_helper and cfg.compile_scope == "model" and rt.device.type == "cuda"
             and torch._inductor.config.fx_graph_cache):  # without the FX graph cache it would only cost memory
@@ -1018,13 +1022,12 @@ def start_compile_helper(cfg, rt):
 
 
 def join_compile_helper(proc, rt, timeout=900):
-    if proc is None:
-        return
     try:
         proc.wait(timeout)
-    except Exception:
+    except subprocess.TimeoutExpired:
         proc.kill()
-    if proc.wait() != 0:  # the main process compiles the graph itself: slower start-up, same training
+        proc.wait()
+    if proc.returncode != 0:  # the main process compiles the graph itself: slower start-up, same training
         proc.log.seek(0)
         tail = proc.log.read().decode(errors="replace").strip().splitlines()[-3:]
         rt.log(f"warning: the compile helper failed (exit {proc.returncode}): {' | '.join(tail)[-400:]}; "
@@ -1044,8 +1047,7 @@ def compile_helper(gpu, backend="inductor"):
     setup_torch(rt)
     torch.manual_seed(cfg.seed)
     model = GPT(cfg).to(device)
-    heads = (cfg.num_heads, cfg.num_kv_heads, cfg.model_dim // cfg.num_heads)
-    model.attn_backend = pick_attention(cfg.attn_backend, device, True, heads, lambda m: None)
+    model.attn_backend = pick_attention(cfg.attn_backend, device, True, attention_heads(cfg), lambda m: None)
     n = cfg.train_batch_tokens // (rt.world * grad_accum(cfg, rt))
     x = torch.randint(0, cfg.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(0)).numpy()
     x[::997] = BOS_ID
@@ -2598,7 +2600,7 @@ def main():
                    torch=torch.__version__, python=platform.python_version(),
                    triton=triton.__version__ if HAVE_TRITON else None)
     model = GPT(cfg).to(rt.device)
-    heads = (cfg.num_heads, cfg.num_kv_heads, cfg.model_dim // cfg.num_heads)
+    heads = attention_heads(cfg)
     model.attn_backend = summary["attention_backend"] = pick_attention(cfg.attn_backend, rt.device, True, heads, rt.log)
     backend = summary["eval_attention_backend"] = pick_attention(cfg.attn_backend, rt.device, False, heads, rt.log)
     n_params = sum(p.numel() for p in model.parameters())
