@@ -56,5 +56,7 @@ for graphs in settings.split(","):
 if os.environ.get("TTT_BENCH_COMPILE_TIMES") == "1":  # where torch.compile's seconds went (TTT_COMPILE settings)
     from torch._dynamo.utils import compile_times
     print(compile_times(repr="str", aggregate=True), flush=True)
+    c = torch._dynamo.utils.counters  # cache hits and misses, recompiles
+    print({g: dict(c[g]) for g in ("aot_autograd", "inductor", "stats", "recompiles")}, flush=True)
 if len(times) > 1:
     print("time ratios vs the first setting:", {k: round(v / times[next(iter(times))], 3) for k, v in times.items()}, flush=True)
