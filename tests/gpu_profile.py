@@ -4,8 +4,9 @@
 
 train: compiles (COMPILE_SCOPE as set), times PROFILE_STEPS steps before and after looping, then profiles one
 step of each and prints GPU time per kernel category and the top kernels. ttt: times LoRA TTT batches (TTT_CUDA_GRAPHS
-as set; the kernel table is that of the eager path when it is 0) of 1, 8 and TTT_BATCH_DOCS documents; the table covers
-3 chunk steps, or the whole batch with PROFILE_TTT_FULL=1. matmul: the bf16 matmul ceiling used for MFU. PROFILE_ROWS
+as set; the kernel table is that of the eager path when it is 0) of 1, 8 and TTT_BATCH_DOCS documents; the tables cover
+the first 3 chunk steps of the 1-document batch and the last 3 forwards (full context windows) of the largest batch,
+or each whole batch with PROFILE_TTT_FULL=1. matmul: the bf16 matmul ceiling used for MFU. PROFILE_ROWS
 sets how many kernels the tables list (25)."""
 import os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -131,9 +132,28 @@ if "ttt" in what:
         print(f"TTT LoRA batch of {n} docs x {span} tokens: {steps} chunk steps in {dt:.2f}s = {dt / steps * 1e3:.1f} ms/step, "
               f"{toks / dt:,.0f} scored tok/s, {work / dt:,.0f} padded tok/s", flush=True)
         if n == 1 or n == cfg.ttt_batch_docs:
-            from torch.profiler import profile, ProfilerActivity
+            from torch.profiler import profile, ProfilerActivity, schedule
+            acts = [ProfilerActivity.CUDA, ProfilerActivity.CPU]
+            if n > 1 and os.environ.get("PROFILE_TTT_FULL") != "1":  # the last 3 forwards: full context windows
+                name = "replay" if ttt.graphs is not None else "lora_step"
+                orig, calls = getattr(ttt, name), [0]
+                def counted(*a, _f=orig, **kw):
+                    r = _f(*a, **kw)
+                    calls[0] += 1
+                    if hasattr(ttt, "prof"):
+                        ttt.prof.step()
+                    return r
+                setattr(ttt, name, counted)
+                ttt.lora_batch(batch); T.sync(dev)  # counts the forwards
+                with profile(activities=acts, schedule=schedule(wait=calls[0] - 3, warmup=0, active=3, repeat=1)) as prof:
+                    ttt.prof, calls[0] = prof, 0
+                    ttt.lora_batch(batch); T.sync(dev)
+                del ttt.prof
+                setattr(ttt, name, orig)
+                gpu_table(prof, f"TTT LoRA batch of {n} docs, the last 3 of its {calls[0]} forwards (full windows)")
+                continue
             short = batch if os.environ.get("PROFILE_TTT_FULL") == "1" else [(s, min(e, s + 3 * cfg.ttt_chunk)) for s, e in batch]
-            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            with profile(activities=acts) as prof:
                 ttt.lora_batch(short); T.sync(dev)
             gpu_table(prof, f"TTT LoRA batch of {n} docs, {ttt.plan(short)[0]} chunk steps")
             cpu = sum(e.self_cpu_time_total for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU)
