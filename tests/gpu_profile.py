@@ -145,7 +145,7 @@ if "ttt" in what:
                     return r
                 setattr(ttt, name, counted)
                 ttt.lora_batch(batch); T.sync(dev)  # counts the forwards
-                with profile(activities=acts, schedule=schedule(wait=calls[0] - 3, warmup=0, active=3, repeat=1)) as prof:
+                with profile(activities=acts, schedule=schedule(wait=max(0, calls[0] - 3), warmup=0, active=3, repeat=1)) as prof:
                     ttt.prof, calls[0] = prof, 0
                     ttt.lora_batch(batch); T.sync(dev)
                 del ttt.prof
