@@ -9,7 +9,7 @@ Sections, in pipeline order:
 """
 from __future__ import annotations
 
-import base64, copy, difflib, glob, io, json, lzma, math, os, platform, struct, subprocess, sys, time, zlib
+import atexit, base64, copy, difflib, glob, io, json, lzma, math, os, platform, struct, subprocess, sys, tempfile, time, zlib
 PROCESS_START = time.perf_counter()  # start-up is counted from here, before torch is imported
 from dataclasses import dataclass
 from pathlib import Path
@@ -1008,7 +1008,6 @@ def cache_counts(since=None):
 def start_compile_helper(cfg, rt):
     """`python train_gpt.py compile-helper` in the background, with this process's settings and GPU: one per rank,
     because the inductor cache keys hold the device index."""
-    import atexit, tempfile
     import torch._inductor.config
     if not (cfg.compile and cfg.compile_helper and cfg.compile_scope == "model" and rt.device.type == "cuda"
             and torch._inductor.config.fx_graph_cache):  # without the FX graph cache it would only cost memory

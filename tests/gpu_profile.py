@@ -135,20 +135,19 @@ if "ttt" in what:
             from torch.profiler import profile, ProfilerActivity, schedule
             acts = [ProfilerActivity.CUDA, ProfilerActivity.CPU]
             if n > 1 and os.environ.get("PROFILE_TTT_FULL") != "1":  # the last 3 forwards: full context windows
-                name = "replay" if ttt.graphs is not None else "lora_step"
-                orig, calls = getattr(ttt, name), [0]
-                def counted(*a, _f=orig, **kw):
-                    r = _f(*a, **kw)
+                name = "replay" if ttt.graphs is not None else "lora_step"  # called once per forward
+                orig, calls, prof = getattr(ttt, name), [0], None
+                def counted(*a, **kw):
                     calls[0] += 1
-                    if hasattr(ttt, "prof"):
-                        ttt.prof.step()
+                    r = orig(*a, **kw)
+                    if prof is not None:
+                        prof.step()
                     return r
                 setattr(ttt, name, counted)
                 ttt.lora_batch(batch); T.sync(dev)  # counts the forwards
                 with profile(activities=acts, schedule=schedule(wait=max(0, calls[0] - 3), warmup=0, active=3, repeat=1)) as prof:
-                    ttt.prof, calls[0] = prof, 0
+                    calls[0] = 0
                     ttt.lora_batch(batch); T.sync(dev)
-                del ttt.prof
                 setattr(ttt, name, orig)
                 gpu_table(prof, f"TTT LoRA batch of {n} docs, the last 3 of its {calls[0]} forwards (full windows)")
                 continue

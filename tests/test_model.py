@@ -1,4 +1,5 @@
 """CPU tests of the model, optimizers, schedules and loader (issue 3 point 2) at a tiny size."""
+import io
 import math
 
 import numpy as np
@@ -239,7 +240,7 @@ def test_compile_helper_compiles_the_training_graph(tiny_data, monkeypatch):
 
     class Proc:  # a helper that failed
         returncode, waited = 3, []
-        log = __import__("io").BytesIO(b"Traceback ...\nRuntimeError: CUDA out of memory")
+        log = io.BytesIO(b"Traceback ...\nRuntimeError: CUDA out of memory")
 
         def wait(self, timeout=None):
             self.waited.append(list(order))
