@@ -86,9 +86,13 @@ CONFIG = [
     ("COMPILE", True, "torch.compile for training (GPU)"),
     ("COMPILE_SCOPE", "model", "model: compile the whole model (fastest steps) | blocks: one block graph reused by every "
                                "layer (faster start-up, slower steps)"),
-    ("COMPILE_HELPER", True, "start-up (GPU, COMPILE_SCOPE=model): a second process compiles the loop-off training graph "
-                             "into the inductor cache while this one compiles the looping graph"),
+    ("COMPILE_HELPER", True, "GPU: a second process compiles the loop-off training graph into the inductor cache while "
+                             "this one compiles the looping graph (COMPILE_SCOPE=model); another one, during training, "
+                             "builds TTT's kernels (EAGER_KERNELS' Triton kernels, TTT_COMPILE's graphs) into the caches"),
     ("FUSED_CE", True, "Triton fused softcapped cross-entropy (GPU, symmetric cap)"),
+    ("EAGER_KERNELS", True, "GPU: Triton kernels for the elementwise work of eager (uncompiled) forwards and backwards: "
+                            "TTT's LoRA steps and evaluation (residual mixes + norms, q/k norm + rotary, XSA + gate, "
+                            "LeakyReLU^2)"),
     ("ATTN_BACKEND", "auto", "auto (fa3; else fa4 for training, self-checked; else varlen on GPU; sdpa on CPU; evaluation "
                              "and TTT use fa4 only when named) | fa3 | fa4 | varlen | sdpa"),
     # quantization / artifact
@@ -628,6 +632,119 @@ try:
             p = tl.exp(cap * th - lse)
             d = (p - tl.where(cols == y, 1.0, 0.0)) * (1.0 - th * th) * g
             tl.store(dp + cols, d.to(DZ.dtype.element_ty), mask=cols < V)
+
+    @triton.jit(do_not_specialize=["n"])  # one build serves every size
+    def _leaky_sq(U, G, OUT, n, slope, BACK: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        u = tl.load(U + i, mask=i < n, other=0.0).to(tl.float32)
+        a = tl.where(u > 0, u, slope * u)
+        if BACK:  # d/du leaky(u)^2 = 2 leaky(u) leaky'(u)
+            r = 2.0 * tl.load(G + i, mask=i < n, other=0.0).to(tl.float32) * tl.where(u > 0, a, slope * a)
+        else:
+            r = a * a
+        tl.store(OUT + i, r.to(OUT.dtype.element_ty), mask=i < n)
+
+    @triton.jit(do_not_specialize=["n"])  # one build serves every size
+    def _xsa_gate(Y, V, T, GATE, G_OUT, OUT, DV, DGATE, n, GROUP: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
+                  BACK: tl.constexpr, BLOCK: tl.constexpr):
+        """Rows are (token, head) pairs, BLOCK of them (whole KV groups) per program; v of row r is row r // GROUP."""
+        r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        d = tl.arange(0, D)
+        m = (r < n)[:, None]
+        y = tl.load(Y + r[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+        v = tl.load(V + (r // GROUP)[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+        nv = tl.maximum(tl.sqrt(tl.sum(v * v, 1)), 1e-12)
+        vh = v / nv[:, None]
+        t = tl.load(T + r % H, mask=r < n, other=0.0)
+        gt = tl.load(GATE + r, mask=r < n, other=0.0).to(tl.float32)
+        s = tl.sum(y * vh, 1)
+        y2 = y - (t * s)[:, None] * vh
+        if BACK:
+            g = tl.load(G_OUT + r[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+            tl.store(DGATE + r, tl.sum(g * y2, 1).to(DGATE.dtype.element_ty), mask=r < n)
+            g2 = g * gt[:, None]
+            c = tl.sum(g2 * vh, 1)
+            tl.store(OUT + r[:, None] * D + d[None, :], (g2 - (t * c)[:, None] * vh).to(OUT.dtype.element_ty), mask=m)
+            dvh = -t[:, None] * (s[:, None] * g2 + c[:, None] * y)
+            dv = (dvh - vh * tl.sum(dvh * vh, 1)[:, None]) / nv[:, None]  # through v / |v|
+            dv = tl.sum(tl.reshape(dv, (BLOCK // GROUP, GROUP, D)), 1)  # the heads of a group share v
+            rv = tl.program_id(0).to(tl.int64) * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP)
+            tl.store(DV + rv[:, None] * D + d[None, :], dv.to(DV.dtype.element_ty), mask=(rv < n // GROUP)[:, None])
+        else:
+            tl.store(OUT + r[:, None] * D + d[None, :], (y2 * gt[:, None]).to(OUT.dtype.element_ty), mask=m)
+
+    @triton.jit(do_not_specialize=["n"])  # one build serves every size
+    def _qk_norm_rope(X, G, COS, SIN, POS, GAIN, OUT, n, H: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
+                      HAS_GAIN: tl.constexpr, BACK: tl.constexpr, BLOCK: tl.constexpr):
+        """Rows are (token, head) pairs: rms_norm, the first R dims rotated (pairs c, c + R/2), times the head's gain."""
+        r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        c = tl.arange(0, D)
+        m = (r < n)[:, None]
+        first, rot = c < R // 2, c < R
+        partner = tl.where(first, c + R // 2, tl.where(rot, c - R // 2, c))
+        pos = tl.load(POS + r // H, mask=r < n, other=0)
+        f = pos[:, None] * (R // 2) + tl.where(first, c, c - R // 2)[None, :]
+        cs = tl.load(COS + f, mask=m & rot[None, :], other=1.0)
+        sn = tl.load(SIN + f, mask=m & rot[None, :], other=0.0) * tl.where(first, -1.0, 1.0)[None, :]
+        if HAS_GAIN:
+            gn = tl.load(GAIN + r % H, mask=r < n, other=1.0)[:, None]
+        else:
+            gn = tl.full((BLOCK, 1), 1.0, tl.float32)
+        x = tl.load(X + r[:, None] * D + c[None, :], mask=m, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, 1) / D + 1e-6)[:, None]
+        if BACK:  # rotation by -angle, then the rms_norm backward
+            g = tl.load(G + r[:, None] * D + c[None, :], mask=m, other=0.0).to(tl.float32) * gn
+            gp = tl.load(G + r[:, None] * D + partner[None, :], mask=m, other=0.0).to(tl.float32) * gn
+            dxh = g * cs - gp * sn
+            xh = x * rstd
+            out = rstd * (dxh - xh * (tl.sum(dxh * xh, 1) / D)[:, None])
+        else:
+            xp = tl.load(X + r[:, None] * D + partner[None, :], mask=m, other=0.0).to(tl.float32)
+            out = (x * cs + xp * sn) * rstd * gn
+        tl.store(OUT + r[:, None] * D + c[None, :], out.to(OUT.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _mix_weight(W, c, K: tl.constexpr, D: tl.constexpr):  # (1, D): 0 = weight 1, 1 = a scalar, 2 = per channel
+        if K == 2:
+            w = tl.load(W + c).to(tl.float32)[None, :]
+        elif K == 1:
+            w = tl.load(W + c * 0).to(tl.float32)[None, :]
+        else:
+            w = tl.full((1, D), 1.0, tl.float32)
+        return w
+
+    @triton.jit(do_not_specialize=["n"])  # one build serves every size
+    def _mix_norm(X1, X2, X3, W1, W2, W3, GY, GN, Y, NRM, D1, D2, D3, n, s, D: tl.constexpr, K1: tl.constexpr,
+                  K2: tl.constexpr, K3: tl.constexpr, NX: tl.constexpr, NORM: tl.constexpr, BACK: tl.constexpr,
+                  BLOCK: tl.constexpr):
+        """y = w1 x1 + w2 x2 (+ w3 x3), weights of kinds K (_mix_weight); with NORM also rms_norm(y) * s. Backward:
+        dx_i = w_i (gy + the rms_norm backward of gn), from y recomputed."""
+        r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        c = tl.arange(0, D)
+        m = (r < n)[:, None]
+        off = r[:, None] * D + c[None, :]
+        w1, w2 = _mix_weight(W1, c, K1, D), _mix_weight(W2, c, K2, D)
+        y = w1 * tl.load(X1 + off, mask=m, other=0.0).to(tl.float32) + w2 * tl.load(X2 + off, mask=m, other=0.0).to(tl.float32)
+        if NX == 3:
+            w3 = _mix_weight(W3, c, K3, D)
+            y += w3 * tl.load(X3 + off, mask=m, other=0.0).to(tl.float32)
+        y = y.to(Y.dtype.element_ty).to(tl.float32)  # the norm sees the stored (rounded) y, as unfused
+        if NORM:
+            rstd = tl.rsqrt(tl.sum(y * y, 1) / D + 1e-6)[:, None]
+        if BACK:
+            g = tl.load(GY + off, mask=m, other=0.0).to(tl.float32)
+            if NORM:
+                gn = tl.load(GN + off, mask=m, other=0.0).to(tl.float32) * s
+                yh = y * rstd
+                g += rstd * (gn - yh * (tl.sum(gn * yh, 1) / D)[:, None])
+            tl.store(D1 + off, (w1 * g).to(D1.dtype.element_ty), mask=m)
+            tl.store(D2 + off, (w2 * g).to(D2.dtype.element_ty), mask=m)
+            if NX == 3:
+                tl.store(D3 + off, (w3 * g).to(D3.dtype.element_ty), mask=m)
+        else:
+            tl.store(Y + off, y.to(Y.dtype.element_ty), mask=m)
+            if NORM:
+                tl.store(NRM + off, (y * rstd).to(NRM.dtype.element_ty).to(tl.float32) * s, mask=m)
     HAVE_TRITON = True
 except Exception:
     HAVE_TRITON = False
@@ -668,6 +785,120 @@ class SoftcapCE(torch.autograd.Function):
         return dz, None, None
 
 
+def eager_kernels(t):
+    """Whether the eager Triton kernels below run: CUDA tensors outside torch.compile (whose own fusion serves
+    training); they cut the elementwise passes of TTT's eager LoRA steps. The tests set EAGER_KERNELS_ANYWHERE to run
+    them in Triton's CPU interpreter."""
+    return HAVE_TRITON and (t.is_cuda or EAGER_KERNELS_ANYWHERE) and not torch.compiler.is_compiling()
+
+
+EAGER_KERNELS_ANYWHERE = False
+
+
+class LeakySq(torch.autograd.Function):
+    """leaky_relu(u, slope)^2: one pass forward, one backward (fp32 math, rounded once)."""
+
+    @staticmethod
+    def forward(ctx, u, slope):
+        u = u.contiguous()
+        h, grid = torch.empty_like(u), (triton.cdiv(u.numel(), 1024),)
+        _leaky_sq[grid](u, u, h, u.numel(), slope, BACK=False, BLOCK=1024)
+        ctx.save_for_backward(u)
+        ctx.slope = slope
+        return h
+
+    @staticmethod
+    def backward(ctx, g):
+        u, = ctx.saved_tensors
+        du, grid = torch.empty_like(u), (triton.cdiv(u.numel(), 1024),)
+        _leaky_sq[grid](u, g.contiguous(), du, u.numel(), ctx.slope, BACK=True, BLOCK=1024)
+        return du, None
+
+
+class XSAGate(torch.autograd.Function):
+    """(y - t_h (y . v_hat) v_hat) * gate, v_hat = v / |v| of the head's KV group: one pass forward, one backward.
+    y (B, T, H, D), v (B, T, KV, D), t = tanh(alpha) (H,) fp32 without gradient, gate (B, T, H)."""
+
+    @staticmethod
+    def forward(ctx, y, v, t, gate):
+        y, v, gate = y.contiguous(), v.contiguous(), gate.contiguous()
+        out, (n, group, D) = torch.empty_like(y), (y.numel() // y.shape[-1], y.shape[2] // v.shape[2], y.shape[-1])
+        block = 16 * group
+        _xsa_gate[(triton.cdiv(n, block),)](y, v, t, gate, y, out, y, gate, n, GROUP=group, H=y.shape[2], D=D, BACK=False,
+                                            BLOCK=block)
+        ctx.save_for_backward(y, v, t, gate)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        y, v, t, gate = ctx.saved_tensors
+        dy, dv, dgate = torch.empty_like(y), torch.empty_like(v), torch.empty_like(gate)
+        n, group, D = y.numel() // y.shape[-1], y.shape[2] // v.shape[2], y.shape[-1]
+        block = 16 * group
+        _xsa_gate[(triton.cdiv(n, block),)](y, v, t, gate, g.contiguous(), dy, dv, dgate, n, GROUP=group, H=y.shape[2], D=D,
+                                            BACK=True, BLOCK=block)
+        return dy, dv, None, dgate
+
+
+class QKNormRope(torch.autograd.Function):
+    """rotate(rms_norm(x)) * gain: one pass forward, one backward. x (B, T, H, D); cos / sin: Rotary's fp32 tables
+    (positions x rope_dims / 2); pos (B, T); gain (H,) fp32 without gradient, or None."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, pos, gain):
+        x, pos = x.contiguous(), pos.contiguous()
+        out, n = torch.empty_like(x), x.numel() // x.shape[-1]
+        ctx.args = dict(n=n, H=x.shape[2], D=x.shape[3], R=2 * cos.shape[1], HAS_GAIN=gain is not None, BLOCK=16)
+        _qk_norm_rope[(triton.cdiv(n, 16),)](x, x, cos, sin, pos, x if gain is None else gain, out, BACK=False, **ctx.args)
+        ctx.save_for_backward(x, cos, sin, pos, gain)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, cos, sin, pos, gain = ctx.saved_tensors
+        dx = torch.empty_like(x)
+        _qk_norm_rope[(triton.cdiv(ctx.args["n"], 16),)](x, g.contiguous(), cos, sin, pos, x if gain is None else gain, dx,
+                                                         BACK=True, **ctx.args)
+        return dx, None, None, None, None
+
+
+class MixNorm(torch.autograd.Function):
+    """y = sum_i w_i * x_i over 2 or 3 inputs of one shape (last dim D); each weight None (1), a 0-dim tensor or a
+    (D,) tensor, without gradient; with a scale s (a Python float) also rms_norm(y) * s, rounded as unfused. One pass
+    each way."""
+
+    @staticmethod
+    def launch(ctx, xs, outs, gy=None, gn=None):
+        """Forward: outs = (y, rms_norm(y) * s or y); backward (gy given): outs = the gradients of xs."""
+        x1, back = xs[0], gy is not None
+        w = [x1 if w is None else w for w in ctx.ws] + [x1]  # unused pointers: any tensor
+        y, nrm = (x1, x1) if back else outs
+        d = list(outs) + [x1] if back else [x1] * 3
+        _mix_norm[(triton.cdiv(ctx.args["n"], 8),)](x1, xs[1], xs[-1], w[0], w[1], w[2], gy if back else x1,
+                                                    gn if back else x1, y, nrm, d[0], d[1], d[2], BACK=back, **ctx.args)
+
+    @staticmethod
+    def forward(ctx, s, ws, *xs):
+        xs = [x.contiguous() for x in xs]
+        D = xs[0].shape[-1]
+        kinds = [0 if w is None else 1 if w.dim() == 0 else 2 for w in ws] + [0]
+        ctx.ws, ctx.args = ws, dict(n=xs[0].numel() // D, s=1.0 if s is None else s, D=D, K1=kinds[0], K2=kinds[1],
+                                    K3=kinds[2], NX=len(xs), NORM=s is not None, BLOCK=8)
+        y = torch.empty_like(xs[0])
+        nrm = torch.empty_like(y) if s is not None else y
+        MixNorm.launch(ctx, xs, (y, nrm))
+        ctx.save_for_backward(*xs)
+        return (y, nrm) if s is not None else y
+
+    @staticmethod
+    def backward(ctx, gy, gn=None):
+        xs = ctx.saved_tensors
+        ds = [torch.empty_like(x) for x in xs]
+        gy = gy.contiguous()
+        MixNorm.launch(ctx, xs, ds, gy, gy if gn is None else gn.contiguous())
+        return (None, None, *ds)
+
+
 # =============================================================================
 # 5. Model
 # =============================================================================
@@ -679,7 +910,7 @@ def lora_linear(mod, x, ad):
     """mod(x) plus an optional per-sequence low-rank adapter ad = (A (B, in, r), Bm (B, r, out)); x: (B, T, in)."""
     y = mod(x)
     if ad is not None:
-        y = y + torch.bmm(torch.bmm(x, ad[0].to(x.dtype)), ad[1].to(x.dtype))
+        y = torch.baddbmm(y, torch.bmm(x, ad[0].to(x.dtype)), ad[1].to(x.dtype))  # the add in the GEMM
     return y
 
 
@@ -710,21 +941,33 @@ class Attention(nn.Module):
         self.xsa_alpha = nn.Parameter(torch.zeros(h)) if cfg.xsa else None
         self.gate_w = nn.Parameter(torch.zeros(h, cfg.smear_dims))
         self.gate_scale, self.gate_dims = cfg.attn_gate_scale, cfg.smear_dims
+        pow2 = lambda n: n & (n - 1) == 0
+        self.xsa_kernel = cfg.eager_kernels and cfg.xsa and pow2(h // kv) and pow2(self.hd)  # Triton: powers of two
+        self.qk_kernel = cfg.eager_kernels and pow2(self.hd)
+
+    def gate(self, x):  # (B, T, H)
+        return torch.sigmoid(self.gate_scale * x[..., :self.gate_dims] @ self.gate_w.to(x.dtype).T)
 
     def forward(self, x, ctx, ad):
         B, T, _ = x.shape
         q = lora_linear(self.q, x, ad.get("q")).view(B, T, self.h, self.hd)
         k = lora_linear(self.k, x, ad.get("k")).view(B, T, self.kv, self.hd)
         v = lora_linear(self.v, x, ad.get("v")).view(B, T, self.kv, self.hd)
-        q, k = ctx.rotary(rms_norm(q), ctx.pos), ctx.rotary(rms_norm(k), ctx.pos)
-        q = q * self.q_gain.to(q.dtype)[:, None]
+        if self.qk_kernel and not self.q_gain.requires_grad and eager_kernels(q):  # no gradient for the gain
+            tables = ctx.rotary.cos, ctx.rotary.sin, ctx.pos
+            q, k = QKNormRope.apply(q, *tables, self.q_gain.float()), QKNormRope.apply(k, *tables, None)
+        else:
+            q, k = ctx.rotary(rms_norm(q), ctx.pos), ctx.rotary(rms_norm(k), ctx.pos)
+            q = q * self.q_gain.to(q.dtype)[:, None]
         y = varlen_attention(q.reshape(B * T, self.h, self.hd), k.reshape(B * T, self.kv, self.hd),
                              v.reshape(B * T, self.kv, self.hd), ctx.cu, ctx.max_len, ctx.backend).view(B, T, self.h, self.hd)
-        if self.xsa_alpha is not None:  # y -= tanh(alpha_h) (y . v_hat) v_hat, v_hat of the head's KV group
-            vh = F.normalize(v.float(), dim=-1).repeat_interleave(self.h // self.kv, 2).to(y.dtype)
-            y = y - torch.tanh(self.xsa_alpha).to(y.dtype)[:, None] * (y * vh).sum(-1, keepdim=True) * vh
-        gate = torch.sigmoid(self.gate_scale * x[..., :self.gate_dims] @ self.gate_w.to(x.dtype).T)  # (B, T, H)
-        y = y * gate[..., None]
+        if self.xsa_kernel and not self.xsa_alpha.requires_grad and eager_kernels(y):  # no gradient for alpha
+            y = XSAGate.apply(y, v, torch.tanh(self.xsa_alpha).float(), self.gate(x))
+        else:  # (the torch path keeps its order: the compiled training graph is the same as before the kernels)
+            if self.xsa_alpha is not None:  # y -= tanh(alpha_h) (y . v_hat) v_hat, v_hat of the head's KV group
+                vh = F.normalize(v.float(), dim=-1).repeat_interleave(self.h // self.kv, 2).to(y.dtype)
+                y = y - torch.tanh(self.xsa_alpha).to(y.dtype)[:, None] * (y * vh).sum(-1, keepdim=True) * vh
+            y = y * self.gate(x)[..., None]
         return lora_linear(self.o, y.reshape(B, T, self.h * self.hd), ad.get("o"))
 
 
@@ -733,10 +976,12 @@ class MLP(nn.Module):
         super().__init__()
         self.up = nn.Linear(cfg.model_dim, cfg.mlp_mult * cfg.model_dim, bias=False)
         self.down = nn.Linear(cfg.mlp_mult * cfg.model_dim, cfg.model_dim, bias=False)
-        self.slope = cfg.leaky_slope
+        self.slope, self.eager = cfg.leaky_slope, cfg.eager_kernels
 
     def forward(self, x, ad):
-        return lora_linear(self.down, F.leaky_relu(self.up(x), self.slope).square(), ad.get("mlp"))
+        u = self.up(x)
+        h = LeakySq.apply(u, self.slope) if self.eager and eager_kernels(u) else F.leaky_relu(u, self.slope).square()
+        return lora_linear(self.down, h, ad.get("mlp"))
 
 
 class Block(nn.Module):
@@ -748,25 +993,51 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
         # a buffer, not a float: one compiled block graph then serves every layer
         self.register_buffer("ln_scale", torch.tensor(1.0 / math.sqrt(layer + 1)), persistent=False)
-        self.parallel = layer >= cfg.parallel_start
+        self.ln_scale_f = float(self.ln_scale)  # the same fp32 value as a Python float, for eager calls
+        self.parallel, self.eager = layer >= cfg.parallel_start, cfg.eager_kernels
         if self.parallel:  # lane_k = r_k * lane_k + p_k0 * attn_out + p_k1 * mlp_out
             self.lane_r = nn.Parameter(torch.full((2,), 1.1))
             self.lane_p = nn.Parameter(torch.ones(2, 2))
 
     def norm(self, x):  # rms_norm(x) * ln_scale, the product rounded once as with a Python float
-        return (rms_norm(x).float() * self.ln_scale).to(x.dtype)
+        if torch.compiler.is_compiling() or self.ln_scale.dtype != torch.float32:  # a tensor: one compiled block graph
+            # serves every layer (and a model cast to another dtype rounds the scale as before)
+            return (rms_norm(x).float() * self.ln_scale).to(x.dtype)
+        return rms_norm(x) * self.ln_scale_f  # eager (TTT): the same numbers, one kernel instead of three
+
+    def mix(self, xs, ws, norm=False):
+        """sum_i w_i * xs[i]; each ws[i] None (1), a tensor or (tensor, index), in the activations' dtype. norm: also
+        self.norm(sum), or None where the caller takes it (self.normed). Eagerly, weights without gradient (TTT): one
+        Triton pass, norm included. Otherwise (training, the compiled graphs): the torch terms, in the order of the
+        expressions they replace, so that the compiled training graph is node for node the one without the kernels."""
+        if self.eager and not self.resid_mix.requires_grad and eager_kernels(xs[0]):
+            ws = tuple(w[0][w[1]] if isinstance(w, tuple) else w for w in ws)
+            return MixNorm.apply(self.ln_scale_f if norm else None, ws, *xs)
+        y = None
+        for x, w in zip(xs, ws):
+            t = x if w is None else (w[0][w[1]] if isinstance(w, tuple) else w) * x
+            y = t if y is None else y + t
+        return (y, None) if norm else y
+
+    def normed(self, x, h):  # h: mix's norm of x, or None
+        return self.norm(x) if h is None else h
 
     def forward(self, lanes, x0, ctx, ad):
-        m = self.resid_mix.to(x0.dtype)
-        x_in = m[0] * lanes[0] + m[1] * x0
-        a = self.attn_scale.to(x0.dtype) * self.attn(self.norm(x_in), ctx, ad)
+        dt = x0.dtype
+        m = self.resid_mix.to(dt)
+        x_in, h = self.mix([lanes[0], x0], [(m, 0), (m, 1)], norm=True)
+        sa = self.attn_scale.to(dt)
+        y = self.attn(self.normed(x_in, h), ctx, ad)
         if not self.parallel:
-            x = x_in + a
-            return [x + self.mlp_scale.to(x0.dtype) * self.mlp(self.norm(x), ad)]
+            x, h = self.mix([x_in, y], [None, sa], norm=True)
+            sm = self.mlp_scale.to(dt)
+            return [self.mix([x, self.mlp(self.normed(x, h), ad)], [None, sm])]
+        a = sa * y
         src = lanes[1] if len(lanes) > 1 else lanes[0]
-        f = self.mlp_scale.to(x0.dtype) * self.mlp(self.norm(src), ad)
-        r, p = self.lane_r.to(x0.dtype), self.lane_p.to(x0.dtype)
-        return [r[0] * x_in + p[0, 0] * a + p[0, 1] * f, r[1] * src + p[1, 0] * a + p[1, 1] * f]
+        f = self.mlp_scale.to(dt) * self.mlp(self.norm(src), ad)
+        r, p = self.lane_r.to(dt), self.lane_p.to(dt)
+        return [self.mix([x_in, a, f], [(r, 0), (p, (0, 0)), (p, (0, 1))]),
+                self.mix([src, a, f], [(r, 1), (p, (1, 0)), (p, (1, 1))])]
 
 
 @dataclass
@@ -853,7 +1124,7 @@ class GPT(nn.Module):
         z = F.linear(h, self.embed.weight.to(h.dtype))
         if adapters and "head" in adapters:
             A, Bm = adapters["head"]
-            z = z + torch.bmm(torch.bmm(h, A.to(h.dtype)), Bm.to(h.dtype))
+            z = torch.baddbmm(z, torch.bmm(h, A.to(h.dtype)), Bm.to(h.dtype))
         return z
 
     def capped(self, z):
@@ -1005,15 +1276,20 @@ def cache_counts(since=None):
     return tuple(a - b for a, b in zip(n, since)) if since else tuple(n)
 
 
-def start_compile_helper(cfg, rt):
-    """`python train_gpt.py compile-helper` in the background, with this process's settings and GPU: one per rank,
-    because the inductor cache keys hold the device index."""
+COMPILE_HELPERS = {}  # what -> helper process still to be joined (the TTT helper: from training to evaluation)
+
+
+def start_compile_helper(cfg, rt, what="train"):
+    """`python train_gpt.py compile-helper GPU WHAT` in the background, with this process's settings and GPU: one per
+    rank, because the inductor cache keys hold the device index. WHAT: train (the loop-off training graph, during
+    the warm-up) or ttt (TTT_COMPILE's LoRA-step graphs, during training)."""
     import torch._inductor.config
-    if not (cfg.compile and cfg.compile_helper and cfg.compile_scope == "model" and rt.device.type == "cuda"
-            and torch._inductor.config.fx_graph_cache):  # without the FX graph cache it would only cost memory
-        return None
+    wanted = (cfg.compile and cfg.compile_scope == "model") if what == "train" else (
+        cfg.ttt_mode == "phased" and (cfg.ttt_compile or (cfg.eager_kernels and HAVE_TRITON)))
+    if not (wanted and cfg.compile_helper and rt.device.type == "cuda" and torch._inductor.config.fx_graph_cache):
+        return None  # without the FX graph cache it would only cost memory
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "compile-helper", str(rt.local_rank)],
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "compile-helper", str(rt.local_rank), what],
                             stdout=log, stderr=log)
     proc.log = log
     atexit.register(lambda: proc.poll() is None and proc.kill())  # the run ended early: no orphan
@@ -1021,6 +1297,8 @@ def start_compile_helper(cfg, rt):
 
 
 def join_compile_helper(proc, rt, timeout=900):
+    if proc is None:  # none was started
+        return
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -1033,20 +1311,31 @@ def join_compile_helper(proc, rt, timeout=900):
                f"compiling here instead (COMPILE_HELPER=0 skips the helper)")
 
 
-def compile_helper(gpu, backend="inductor"):
-    """The helper's work: the loop-off training graph of this configuration, compiled by one forward and backward of a
-    synthetic micro-batch of the real shapes (micro_loss, as in training); only the compile caches it writes are used.
-    Without a GPU (tests) it runs on the CPU."""
+def compile_helper(gpu, what="train", backend="inductor"):
+    """The helper's work; only the compile caches it writes are used. train: the loop-off training graph of this
+    configuration, compiled by one forward and backward of a synthetic micro-batch of the real shapes (micro_loss,
+    as in training). ttt: the LoRA-step graphs of TTT_COMPILE (dynamic shapes), compiled by a TTT batch of three
+    synthetic documents. Without a GPU (tests) it runs on the CPU."""
     cfg = Config()
     device = torch.device("cuda", gpu) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":  # at most 40% of the GPU: out of memory, the helper fails, never the run beside it
+    if device.type == "cuda":  # a share of the GPU: out of memory, the helper fails, never the run beside it
         torch.cuda.set_device(device)
-        torch.cuda.set_per_process_memory_fraction(0.4, device)
+        torch.cuda.set_per_process_memory_fraction(0.4 if what == "train" else 0.15, device)
     rt = Runtime(0, int(os.environ.get("WORLD_SIZE", "1")), gpu, device, False)
     setup_torch(rt)
     torch.manual_seed(cfg.seed)
     model = GPT(cfg).to(device)
-    model.attn_backend = pick_attention(cfg.attn_backend, device, True, attention_heads(cfg), lambda m: None)
+    model.attn_backend = pick_attention(cfg.attn_backend, device, what == "train", attention_heads(cfg), lambda m: None)
+    if what == "ttt":  # as evaluate_artifact + TTT.run set the model up; three documents give a multi-row step
+        model.looping = cfg.num_loops > 0
+        model.requires_grad_(False)
+        tok = np.concatenate([[BOS_ID] + list(range(2, n + 1)) for n in (3 * cfg.ttt_chunk, 2 * cfg.ttt_chunk, cfg.ttt_chunk)] + [[BOS_ID]])
+        sc = Scorer(model, tok, np.ones_like(tok), device, fused_ce_on(cfg, device))
+        TTT.compile_backend = backend
+        ttt = TTT(model, sc, tok, cfg, rt, float("inf"))
+        ttt.lora_batch(ttt.docs)
+        sync(device)
+        return
     n = cfg.train_batch_tokens // (rt.world * grad_accum(cfg, rt))
     x = torch.randint(0, cfg.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(0)).numpy()
     x[::997] = BOS_ID
@@ -1168,6 +1457,7 @@ class Trainer:
         t_start = time.perf_counter()
         model.block_fns = self.block_fns
         self.warmup()
+        COMPILE_HELPERS["ttt"] = start_compile_helper(cfg, rt, "ttt")  # TTT_COMPILE's graphs, during training
         sync(rt.device)
         rt.log(f"warm-up done in {time.perf_counter() - t_start:.1f}s (time to step 1 since process start: "
                f"{time.perf_counter() - PROCESS_START:.1f}s)")
@@ -2141,6 +2431,7 @@ class TTT:
         # compiled: the serial blocks past the first, 13 of 17 layer calls when looping, in one graph of dynamic
         # shape. Each further kind (first block, parallel blocks, single rows) would cost a compile of its own
         self.block_fns = None
+        join_compile_helper(COMPILE_HELPERS.pop("ttt", None), rt)  # its cache entries (inductor, Triton) make compiles loads
         if cfg.ttt_compile and cfg.ttt_mode == "phased" and (rt.device.type == "cuda" or TTT.compile_backend != "inductor"):
             fns = compile_blocks(model, True, TTT.compile_backend)
             self.block_fns = [f if i and not b.parallel else b for i, (f, b) in enumerate(zip(fns, model.blocks))]
@@ -2672,9 +2963,9 @@ def cli(argv):
     `python train_gpt.py env-table`: the README table. No arguments: train (torchrun)."""
     if argv[:1] == ["env-table"]:
         print(env_table())
-    elif argv[:1] == ["compile-helper"] and len(argv) == 2:
-        os.nice(5)  # the run's own compile, beside it, comes first
-        compile_helper(int(argv[1]))
+    elif argv[:1] == ["compile-helper"] and len(argv) == 3:
+        os.nice(5 if argv[2] == "train" else 10)  # the run beside it comes first
+        compile_helper(int(argv[1]), argv[2])
     elif argv[:1] == ["merge"] and len(argv) >= 3:
         summaries = []
         for f in argv[2:]:

@@ -26,6 +26,49 @@ for V in (8192, 1000):
     l2 = T.softcap_ce_eager(z, y, 30.0); l2.sum().backward(); g2 = z.grad.clone()
     check(f"fused CE loss V={V}", l1, l2, 1e-5); check(f"fused CE grad V={V}", g1, g2, 1e-2)
 
+# eager Triton kernels of TTT (LeakySq, XSAGate) vs autograd of their torch math in fp64, bf16 inputs at record shapes
+u = (torch.randn(8192, 2048, device=dev) * 2).bfloat16().requires_grad_()
+g = torch.randn(8192, 2048, device=dev).bfloat16()
+h = T.LeakySq.apply(u, 0.5); du, = torch.autograd.grad(h, u, g)
+u64 = u.detach().double().requires_grad_()
+h64 = torch.nn.functional.leaky_relu(u64, 0.5).square(); du64, = torch.autograd.grad(h64, u64, g.double())
+check("LeakySq forward", h, h64, 1e-2); check("LeakySq backward", du, du64, 1e-2)
+B, L, H, KV, D = 4, 2048, 8, 4, 64
+y, v = torch.randn(B, L, H, D, device=dev).bfloat16(), torch.randn(B, L, KV, D, device=dev).bfloat16()
+gate, go, t = torch.rand(B, L, H, device=dev).bfloat16(), torch.randn(B, L, H, D, device=dev).bfloat16(), torch.tanh(torch.randn(H, device=dev))
+ins = [x.requires_grad_() for x in (y, v, gate)]
+out = T.XSAGate.apply(ins[0], ins[1], t, ins[2]); grads = torch.autograd.grad(out, ins, go)
+i64 = [x.detach().double().requires_grad_() for x in (y, v, gate)]
+vh = torch.nn.functional.normalize(i64[1], dim=-1).repeat_interleave(H // KV, 2)
+ref = (i64[0] - t.double()[:, None] * (i64[0] * vh).sum(-1, keepdim=True) * vh) * i64[2][..., None]
+check("XSAGate forward", out, ref, 1e-2)
+for name, a, b in zip(("dy", "dv", "dgate"), grads, torch.autograd.grad(ref, i64, go.double())):
+    check(f"XSAGate {name}", a, b, 1e-2)
+
+rot = T.Rotary(16, 10000.0).to(dev)
+pos = torch.randint(0, 4096, (B, L), device=dev)
+for gain in (torch.randn(H, device=dev), None):
+    x = torch.randn(B, L, H, D, device=dev).bfloat16().requires_grad_()
+    out = T.QKNormRope.apply(x, rot.cos, rot.sin, pos, gain); dx, = torch.autograd.grad(out, x, go)
+    x64 = x.detach().double().requires_grad_()
+    ref = rot(torch.nn.functional.rms_norm(x64, (D,), eps=1e-6), pos) * (1 if gain is None else gain.double()[:, None])
+    check(f"QKNormRope forward (gain {gain is not None})", out, ref, 1e-2)
+    check(f"QKNormRope backward (gain {gain is not None})", dx, torch.autograd.grad(ref, x64, go.double())[0], 1e-2)
+
+for k, s in ((2, 0.7), (3, None)):  # MixNorm: residual mixes (+ the block's rms_norm * ln_scale)
+    xs = [torch.randn(B * L, 512, device=dev).bfloat16().requires_grad_() for _ in range(k)]
+    W = [torch.randn(512, device=dev), torch.randn((), device=dev), None][:k]  # per channel, a scalar, weight 1
+    outs = T.MixNorm.apply(s, tuple(W), *xs)
+    outs = outs if s else (outs,)
+    x64 = [x.detach().double().requires_grad_() for x in xs]
+    y = sum((1 if w is None else w.double()) * x for w, x in zip(W, x64))
+    refs = (y, torch.nn.functional.rms_norm(y, (512,), eps=1e-6) * s) if s else (y,)
+    gs = [torch.randn(B * L, 512, device=dev).bfloat16() for _ in outs]
+    for i, (a, b) in enumerate(zip(outs, refs)):
+        check(f"MixNorm k={k} output {i}", a, b, 1e-2)
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(outs, xs, gs), torch.autograd.grad(refs, x64, [g.double() for g in gs]))):
+        check(f"MixNorm k={k} dx{i}", a, b, 1e-2)
+
 # attention backends: forward and gradients vs fp32 masked SDPA on packed docs (the self-check ATTN_BACKEND=auto runs)
 for b in ("fa3", "fa4", "varlen"):
     try:

@@ -273,6 +273,44 @@ def test_compiled_ttt_blocks_are_one_graph_and_exact(trained, monkeypatch):
     assert results[1][2:] == results[0][2:] and abs(results[1][0] - results[0][0]) < 1e-6, results
 
 
+def test_ttt_compile_helper_compiles_the_eval_graph(trained, monkeypatch):
+    """COMPILE_HELPER with TTT_COMPILE: the helper (`train_gpt.py compile-helper GPU ttt`, run during training) must
+    trace exactly the LoRA-step block graph that the evaluation compiles, or its cache entries are never hit. Both
+    traced with a recording backend on the CPU, with a traceable stand-in for the GPU attention; the shapes differ
+    (the helper's three short documents, the evaluation's ten), the dynamic-shape graph code must not."""
+    import torch.nn.functional as F
+
+    def attention(q, k, v, cu, max_len, backend):
+        f = lambda t: t.view(cu.shape[0] - 1, -1, *t.shape[1:]).transpose(1, 2)
+        return F.scaled_dot_product_attention(f(q), f(k), f(v), is_causal=True, enable_gqa=True).transpose(1, 2).reshape(q.shape)
+    codes = {}
+
+    def recorder(key):
+        def backend(gm, example):
+            codes.setdefault(key, []).append(gm.code)
+            return gm.forward
+        return backend
+    env = dict(tiny_cfg().values, TTT_COMPILE=True, PHASED_TTT_PREFIX_DOCS=0, TTT_BATCH_DOCS=10, TTT_MAX_BATCH_TOKENS=300)
+    for k, v in env.items():
+        monkeypatch.setenv(k, str(v))
+    monkeypatch.setattr(T, "varlen_attention", attention)
+    monkeypatch.setattr(T.TTT, "pad_always", True)
+    monkeypatch.setattr(T.TTT, "compile_backend", T.TTT.compile_backend)  # the helper sets it: restored after
+    torch._dynamo.reset()
+    try:
+        T.compile_helper(0, "ttt", backend=recorder("helper"))
+        cfg = T.Config()
+        m = model_from(trained, cfg)
+        m.looping = True
+        T.TTT.compile_backend = recorder("eval")
+        tokens, nbytes = val_stream(seed=5, n_docs=10, mean_len=80)
+        T.ttt_eval(m, T.Scorer(m, tokens, nbytes, CPU.device), tokens, cfg, CPU, float("inf"))
+    finally:
+        torch._dynamo.reset()
+    assert len(codes["helper"]) == 1 and len(codes["eval"]) == 1, {k: len(v) for k, v in codes.items()}
+    assert codes["helper"][0] == codes["eval"][0]
+
+
 def test_cost_fit_leaves_out_warm_up_batches():
     """The LoRA cost model that the eval budget projects with ignores batches that warmed up (first CUDA-graph
     capture, TTT_COMPILE's compile): their one-time seconds would inflate every later projection."""
