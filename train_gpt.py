@@ -87,8 +87,9 @@ CONFIG = [
     ("COMPILE_SCOPE", "model", "model: compile the whole model (fastest steps) | blocks: one block graph reused by every "
                                "layer (faster start-up, slower steps)"),
     ("COMPILE_HELPER", True, "GPU: a second process compiles the loop-off training graph into the inductor cache while "
-                             "this one compiles the looping graph (COMPILE_SCOPE=model); another one, during training, "
-                             "builds TTT's kernels (EAGER_KERNELS' Triton kernels, TTT_COMPILE's graphs) into the caches"),
+                             "this one compiles the looping graph (COMPILE_SCOPE=model); another one, once training and "
+                             "calibration are done, builds TTT's kernels (EAGER_KERNELS' Triton kernels, TTT_COMPILE's "
+                             "graphs) into the caches"),
     ("FUSED_CE", True, "Triton fused softcapped cross-entropy (GPU, symmetric cap)"),
     ("EAGER_KERNELS", True, "GPU: Triton kernels for the elementwise work of eager (uncompiled) forwards and backwards: "
                             "TTT's LoRA steps and evaluation (residual mixes + norms, q/k norm + rotary, XSA + gate, "
@@ -1282,7 +1283,7 @@ COMPILE_HELPERS = {}  # what -> helper process still to be joined (the TTT helpe
 def start_compile_helper(cfg, rt, what="train"):
     """`python train_gpt.py compile-helper GPU WHAT` in the background, with this process's settings and GPU: one per
     rank, because the inductor cache keys hold the device index. WHAT: train (the loop-off training graph, during
-    the warm-up) or ttt (TTT_COMPILE's LoRA-step graphs, during training)."""
+    the warm-up) or ttt (EAGER_KERNELS' and TTT_COMPILE's builds, after training and calibration)."""
     import torch._inductor.config
     wanted = (cfg.compile and cfg.compile_scope == "model") if what == "train" else (
         cfg.ttt_mode == "phased" and (cfg.ttt_compile or (cfg.eager_kernels and HAVE_TRITON)))
@@ -1457,7 +1458,6 @@ class Trainer:
         t_start = time.perf_counter()
         model.block_fns = self.block_fns
         self.warmup()
-        COMPILE_HELPERS["ttt"] = start_compile_helper(cfg, rt, "ttt")  # TTT_COMPILE's graphs, during training
         sync(rt.device)
         rt.log(f"warm-up done in {time.perf_counter() - t_start:.1f}s (time to step 1 since process start: "
                f"{time.perf_counter() - PROCESS_START:.1f}s)")
@@ -2923,6 +2923,8 @@ def main():
             rt.log(f"GPTQ Hessians: {n_cal} batches in {summary['hessian_s']}s")
         summary["train_wallclock_s"] = round(time.perf_counter() - t_train0, 2)
         rt.log(f"training wallclock incl. calibration: {summary['train_wallclock_s']}s")
+        if cfg.quantize:  # TTT's kernels and graphs build beside the pre-quant eval and GPTQ, outside both timers
+            COMPILE_HELPERS["ttt"] = start_compile_helper(cfg, rt, "ttt")
         loss, bpb, n, nb = eval_windows(Scorer(model, val_tokens, val_bytes, rt.device),
                                         plain_rows(val_tokens, cfg.train_seq_len, cfg.val_max_tokens), rt, micro)
         summary.update(pre_quant_val_bpb=bpb, pre_quant_val_loss=loss, val_loss=loss, val_bpb=bpb, val_tokens=n, val_bytes=nb)

@@ -274,7 +274,7 @@ def test_compiled_ttt_blocks_are_one_graph_and_exact(trained, monkeypatch):
 
 
 def test_ttt_compile_helper_compiles_the_eval_graph(trained, monkeypatch):
-    """COMPILE_HELPER with TTT_COMPILE: the helper (`train_gpt.py compile-helper GPU ttt`, run during training) must
+    """COMPILE_HELPER with TTT_COMPILE: the helper (`train_gpt.py compile-helper GPU ttt`, run after training) must
     trace exactly the LoRA-step block graph that the evaluation compiles, or its cache entries are never hit. Both
     traced with a recording backend on the CPU, with a traceable stand-in for the GPU attention; the shapes differ
     (the helper's three short documents, the evaluation's ten), the dynamic-shape graph code must not."""
