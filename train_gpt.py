@@ -705,29 +705,30 @@ try:
         tl.store(OUT + r[:, None] * D + c[None, :], out.to(OUT.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _mix_weight(W, c, K: tl.constexpr, D: tl.constexpr):  # (1, D): 0 = weight 1, 1 = a scalar, 2 = per channel
-        if K == 2:
-            w = tl.load(W + c).to(tl.float32)[None, :]
+    def _mix_weight(W, c, K: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):  # (1, DP): 0 = weight 1, 1 = a
+        if K == 2:  # scalar, 2 = per channel
+            w = tl.load(W + c, mask=c < D, other=0.0).to(tl.float32)[None, :]
         elif K == 1:
             w = tl.load(W + c * 0).to(tl.float32)[None, :]
         else:
-            w = tl.full((1, D), 1.0, tl.float32)
+            w = tl.full((1, DP), 1.0, tl.float32)
         return w
 
     @triton.jit(do_not_specialize=["n"])  # one build serves every size
-    def _mix_norm(X1, X2, X3, W1, W2, W3, GY, GN, Y, NRM, D1, D2, D3, n, s, D: tl.constexpr, K1: tl.constexpr,
-                  K2: tl.constexpr, K3: tl.constexpr, NX: tl.constexpr, NORM: tl.constexpr, BACK: tl.constexpr,
-                  BLOCK: tl.constexpr):
+    def _mix_norm(X1, X2, X3, W1, W2, W3, GY, GN, Y, NRM, D1, D2, D3, n, s, D: tl.constexpr, DP: tl.constexpr,
+                  K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, NX: tl.constexpr, NORM: tl.constexpr,
+                  BACK: tl.constexpr, BLOCK: tl.constexpr):
         """y = w1 x1 + w2 x2 (+ w3 x3), weights of kinds K (_mix_weight); with NORM also rms_norm(y) * s. Backward:
-        dx_i = w_i (gy + the rms_norm backward of gn), from y recomputed."""
+        dx_i = w_i (gy + the rms_norm backward of gn), from y recomputed. Rows of D channels, DP = D rounded up to a
+        power of two (Triton's block sizes), the rest masked."""
         r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        c = tl.arange(0, D)
-        m = (r < n)[:, None]
+        c = tl.arange(0, DP)
+        m = (r < n)[:, None] & (c < D)[None, :]
         off = r[:, None] * D + c[None, :]
-        w1, w2 = _mix_weight(W1, c, K1, D), _mix_weight(W2, c, K2, D)
+        w1, w2 = _mix_weight(W1, c, K1, D, DP), _mix_weight(W2, c, K2, D, DP)
         y = w1 * tl.load(X1 + off, mask=m, other=0.0).to(tl.float32) + w2 * tl.load(X2 + off, mask=m, other=0.0).to(tl.float32)
         if NX == 3:
-            w3 = _mix_weight(W3, c, K3, D)
+            w3 = _mix_weight(W3, c, K3, D, DP)
             y += w3 * tl.load(X3 + off, mask=m, other=0.0).to(tl.float32)
         y = y.to(Y.dtype.element_ty).to(tl.float32)  # the norm sees the stored (rounded) y, as unfused
         if NORM:
@@ -883,7 +884,7 @@ class MixNorm(torch.autograd.Function):
         xs = [x.contiguous() for x in xs]
         D = xs[0].shape[-1]
         kinds = [0 if w is None else 1 if w.dim() == 0 else 2 for w in ws] + [0]
-        ctx.ws, ctx.args = ws, dict(n=xs[0].numel() // D, s=1.0 if s is None else s, D=D, K1=kinds[0], K2=kinds[1],
+        ctx.ws, ctx.args = ws, dict(n=xs[0].numel() // D, s=1.0 if s is None else s, D=D, DP=triton.next_power_of_2(D), K1=kinds[0], K2=kinds[1],
                                     K3=kinds[2], NX=len(xs), NORM=s is not None, BLOCK=8)
         y = torch.empty_like(xs[0])
         nrm = torch.empty_like(y) if s is not None else y

@@ -55,19 +55,20 @@ for gain in (torch.randn(H, device=dev), None):
     check(f"QKNormRope forward (gain {gain is not None})", out, ref, 1e-2)
     check(f"QKNormRope backward (gain {gain is not None})", dx, torch.autograd.grad(ref, x64, go.double())[0], 1e-2)
 
-for k, s in ((2, 0.7), (3, None)):  # MixNorm: residual mixes (+ the block's rms_norm * ln_scale)
-    xs = [torch.randn(B * L, 512, device=dev).bfloat16().requires_grad_() for _ in range(k)]
-    W = [torch.randn(512, device=dev), torch.randn((), device=dev), None][:k]  # per channel, a scalar, weight 1
+for k, s, D, wt in ((2, 0.7, 512, torch.float32), (3, None, 512, torch.float32), (3, 0.7, 768, torch.bfloat16)):
+    xs = [torch.randn(B * L, D, device=dev).bfloat16().requires_grad_() for _ in range(k)]  # MixNorm: residual mixes
+    W = [torch.randn(D, device=dev, dtype=wt), torch.randn((), device=dev, dtype=wt), None][:k]  # (+ the block's
+    # rms_norm * ln_scale); weights per channel, a scalar, 1; rows of 768 masked to 1,024
     outs = T.MixNorm.apply(s, tuple(W), *xs)
     outs = outs if s else (outs,)
     x64 = [x.detach().double().requires_grad_() for x in xs]
     y = sum((1 if w is None else w.double()) * x for w, x in zip(W, x64))
-    refs = (y, torch.nn.functional.rms_norm(y, (512,), eps=1e-6) * s) if s else (y,)
-    gs = [torch.randn(B * L, 512, device=dev).bfloat16() for _ in outs]
+    refs = (y, torch.nn.functional.rms_norm(y, (D,), eps=1e-6) * s) if s else (y,)
+    gs = [torch.randn(B * L, D, device=dev).bfloat16() for _ in outs]
     for i, (a, b) in enumerate(zip(outs, refs)):
-        check(f"MixNorm k={k} output {i}", a, b, 1e-2)
+        check(f"MixNorm k={k} D={D} output {i}", a, b, 1e-2)
     for i, (a, b) in enumerate(zip(torch.autograd.grad(outs, xs, gs), torch.autograd.grad(refs, x64, [g.double() for g in gs]))):
-        check(f"MixNorm k={k} dx{i}", a, b, 1e-2)
+        check(f"MixNorm k={k} D={D} dx{i}", a, b, 1e-2)
 
 # attention backends: forward and gradients vs fp32 masked SDPA on packed docs (the self-check ATTN_BACKEND=auto runs)
 for b in ("fa3", "fa4", "varlen"):

@@ -502,15 +502,16 @@ for gain in (torch.randn(H), None):
     ref = rot(torch.nn.functional.rms_norm(x, (D,), eps=1e-6), pos) * (1 if gain is None else gain.double()[:, None])
     err += [float((out.double() - ref).abs().max())]
     err += [float((a - b).abs().max()) for a, b in zip(torch.autograd.grad(out, x, go), torch.autograd.grad(ref, x, go.double()))]
-for k, s, wt in ((2, 0.7, torch.float32), (3, None, torch.float32), (2, None, torch.float32), (3, 0.7, torch.bfloat16)):
-    xs = [torch.randn(37, 64, dtype=torch.float64, requires_grad=True) for _ in range(k)]  # mixes of 2 or 3 inputs,
-    W = [torch.randn(64, dtype=wt), torch.randn((), dtype=wt), None][:k]  # with and without the norm; weights per
-    # channel, a scalar, 1; in fp32 or (as the blocks pass them) in the activations' dtype
+for k, s, wt, D in ((2, 0.7, torch.float32, 64), (3, None, torch.float32, 64), (2, None, torch.float32, 64),
+                   (3, 0.7, torch.bfloat16, 64), (3, 0.7, torch.float32, 96)):
+    xs = [torch.randn(37, D, dtype=torch.float64, requires_grad=True) for _ in range(k)]  # mixes of 2 or 3 inputs,
+    W = [torch.randn(D, dtype=wt), torch.randn((), dtype=wt), None][:k]  # with and without the norm; weights per
+    # channel, a scalar, 1; in fp32 or (as the blocks pass them) in the activations' dtype; rows of 96: masked to 128
     outs = T.MixNorm.apply(s, tuple(W), *[x.float() for x in xs])
     y = sum((1 if w is None else w.double()) * x for w, x in zip(W, xs))
-    refs = (y, torch.nn.functional.rms_norm(y, (64,), eps=1e-6) * s) if s else y
+    refs = (y, torch.nn.functional.rms_norm(y, (D,), eps=1e-6) * s) if s else y
     outs, refs = (outs, refs) if s else ((outs,), (refs,))
-    gs = [torch.randn(37, 64) for _ in outs]
+    gs = [torch.randn(37, D) for _ in outs]
     err += [float((a.double() - b).abs().max()) for a, b in zip(outs, refs)]
     err += [float((a - b).abs().max()) for a, b in zip(torch.autograd.grad(outs, xs, gs), torch.autograd.grad(refs, xs, [g.double() for g in gs]))]
 # the model: the same loss and adapter gradients with and without the kernels (alpha frozen, as in TTT)
