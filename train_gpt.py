@@ -824,10 +824,11 @@ class XSAGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, v, t, gate):
         y, v, gate = y.contiguous(), v.contiguous(), gate.contiguous()
-        out, (n, group, D) = torch.empty_like(y), (y.numel() // y.shape[-1], y.shape[2] // v.shape[2], y.shape[-1])
-        block = 16 * group
-        _xsa_gate[(triton.cdiv(n, block),)](y, v, t, gate, y, out, y, gate, n, GROUP=group, H=y.shape[2], D=D, BACK=False,
-                                            BLOCK=block)
+        n, group = y.numel() // y.shape[-1], y.shape[2] // v.shape[2]
+        ctx.grid, ctx.args = (triton.cdiv(n, 16 * group),), dict(n=n, GROUP=group, H=y.shape[2], D=y.shape[-1],
+                                                                   BLOCK=16 * group)  # whole KV groups per program
+        out = torch.empty_like(y)
+        _xsa_gate[ctx.grid](y, v, t, gate, y, out, y, gate, BACK=False, **ctx.args)
         ctx.save_for_backward(y, v, t, gate)
         return out
 
@@ -835,10 +836,7 @@ class XSAGate(torch.autograd.Function):
     def backward(ctx, g):
         y, v, t, gate = ctx.saved_tensors
         dy, dv, dgate = torch.empty_like(y), torch.empty_like(v), torch.empty_like(gate)
-        n, group, D = y.numel() // y.shape[-1], y.shape[2] // v.shape[2], y.shape[-1]
-        block = 16 * group
-        _xsa_gate[(triton.cdiv(n, block),)](y, v, t, gate, g.contiguous(), dy, dv, dgate, n, GROUP=group, H=y.shape[2], D=D,
-                                            BACK=True, BLOCK=block)
+        _xsa_gate[ctx.grid](y, v, t, gate, g.contiguous(), dy, dv, dgate, BACK=True, **ctx.args)
         return dy, dv, None, dgate
 
 
@@ -1012,12 +1010,12 @@ class Block(nn.Module):
         self.norm(sum), or None where the caller takes it (self.normed). Eagerly, weights without gradient (TTT): one
         Triton pass, norm included. Otherwise (training, the compiled graphs): the torch terms, in the order of the
         expressions they replace, so that the compiled training graph is node for node the one without the kernels."""
+        pick = lambda w: w[0][w[1]] if isinstance(w, tuple) else w
         if self.eager and not self.resid_mix.requires_grad and eager_kernels(xs[0]):
-            ws = tuple(w[0][w[1]] if isinstance(w, tuple) else w for w in ws)
-            return MixNorm.apply(self.ln_scale_f if norm else None, ws, *xs)
+            return MixNorm.apply(self.ln_scale_f if norm else None, tuple(map(pick, ws)), *xs)
         y = None
         for x, w in zip(xs, ws):
-            t = x if w is None else (w[0][w[1]] if isinstance(w, tuple) else w) * x
+            t = x if w is None else pick(w) * x
             y = t if y is None else y + t
         return (y, None) if norm else y
 
@@ -1316,8 +1314,8 @@ def join_compile_helper(proc, rt, timeout=900):
 def compile_helper(gpu, what="train", backend="inductor"):
     """The helper's work; only the compile caches it writes are used. train: the loop-off training graph of this
     configuration, compiled by one forward and backward of a synthetic micro-batch of the real shapes (micro_loss,
-    as in training). ttt: the LoRA-step graphs of TTT_COMPILE (dynamic shapes), compiled by a TTT batch of three
-    synthetic documents. Without a GPU (tests) it runs on the CPU."""
+    as in training). ttt: EAGER_KERNELS' Triton kernels and the LoRA-step graphs of TTT_COMPILE (dynamic shapes),
+    built by a TTT batch of three synthetic documents. Without a GPU (tests) it runs on the CPU."""
     cfg = Config()
     device = torch.device("cuda", gpu) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":  # a share of the GPU: out of memory, the helper fails, never the run beside it

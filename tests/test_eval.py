@@ -278,22 +278,13 @@ def test_ttt_compile_helper_compiles_the_eval_graph(trained, monkeypatch):
     trace exactly the LoRA-step block graph that the evaluation compiles, or its cache entries are never hit. Both
     traced with a recording backend on the CPU, with a traceable stand-in for the GPU attention; the shapes differ
     (the helper's three short documents, the evaluation's ten), the dynamic-shape graph code must not."""
-    import torch.nn.functional as F
-
-    def attention(q, k, v, cu, max_len, backend):
-        f = lambda t: t.view(cu.shape[0] - 1, -1, *t.shape[1:]).transpose(1, 2)
-        return F.scaled_dot_product_attention(f(q), f(k), f(v), is_causal=True, enable_gqa=True).transpose(1, 2).reshape(q.shape)
+    from test_model import code_recorder, traceable_attention
     codes = {}
-
-    def recorder(key):
-        def backend(gm, example):
-            codes.setdefault(key, []).append(gm.code)
-            return gm.forward
-        return backend
+    recorder = lambda key: code_recorder(codes, key)
     env = dict(tiny_cfg().values, TTT_COMPILE=True, PHASED_TTT_PREFIX_DOCS=0, TTT_BATCH_DOCS=10, TTT_MAX_BATCH_TOKENS=300)
     for k, v in env.items():
         monkeypatch.setenv(k, str(v))
-    monkeypatch.setattr(T, "varlen_attention", attention)
+    monkeypatch.setattr(T, "varlen_attention", traceable_attention)
     monkeypatch.setattr(T.TTT, "pad_always", True)
     monkeypatch.setattr(T.TTT, "compile_backend", T.TTT.compile_backend)  # the helper sets it: restored after
     torch._dynamo.reset()

@@ -170,6 +170,14 @@ def test_loader_targets_are_next_tokens(tiny_data):
     assert torch.equal(x0[1:], y0[:-1]) and y0[-1] == x1[0] and y1[-1] == s2[0][0][0]
 
 
+def code_recorder(codes, key):
+    """A torch.compile backend that appends each traced graph's code to codes[key] and runs it as traced."""
+    def backend(gm, example):
+        codes.setdefault(key, []).append(gm.code)
+        return gm.forward
+    return backend
+
+
 def traceable_attention(q, k, v, cu, max_len, backend):
     """Stand-in for the GPU attention kernels that torch.compile traces on the CPU: a block-diagonal causal mask."""
     import torch.nn.functional as F
@@ -228,12 +236,7 @@ def test_compile_helper_compiles_the_training_graph(tiny_data, monkeypatch):
     helper runs on the CPU without a GPU) and their code must be equal; then the warm-up order, the wait for the
     helper, and a failing helper's warning."""
     codes = {}
-
-    def recorder(key):
-        def backend(gm, example):
-            codes.setdefault(key, []).append(gm.code)
-            return gm.forward
-        return backend
+    recorder = lambda key: code_recorder(codes, key)
     env = dict(TINY, DATA_PATH=str(tiny_data), GRAD_ACCUM_STEPS="1", WARMUP_STEPS="1")
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -566,17 +569,11 @@ def test_training_graph_is_node_for_node_the_plain_expressions(monkeypatch):
     """The kernel plumbing (Block.mix / normed) must leave the compiled training graph as the plain expressions make it,
     node for node and in order: inductor's fusions follow the node order (a reordered but equal graph measured 3-4%
     slower per training step on an H200). Traced forward and backward graphs (AOT), bf16 autocast as on the GPU, with
-    a traceable one-segment attention in place of the CPU fallback (whose data-dependent loop breaks the graph); looping
+    a traceable attention in place of the CPU fallback (whose data-dependent loop breaks the graph); looping
     on: every block kind (serial, parallel, repeated) is in the graph."""
     from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_module_simplified
-
-    def attn(q, k, v, cu, max_len, backend):
-        r = q.shape[1] // k.shape[1]
-        q, k, v = (t.repeat_interleave(n, 1).transpose(0, 1) for t, n in ((q, 1), (k, r), (v, r)))
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1)
-
-    monkeypatch.setattr(T, "varlen_attention", attn)
+    monkeypatch.setattr(T, "varlen_attention", traceable_attention)
     monkeypatch.setattr(T, "EAGER_KERNELS_ANYWHERE", True)  # the kernels' checks as on a GPU (they stay off when compiling)
 
     def trace():
