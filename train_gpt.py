@@ -634,7 +634,7 @@ try:
             d = (p - tl.where(cols == y, 1.0, 0.0)) * (1.0 - th * th) * g
             tl.store(dp + cols, d.to(DZ.dtype.element_ty), mask=cols < V)
 
-    @triton.jit(do_not_specialize=["n"])  # one build serves every size
+    @triton.jit  # n is specialized (multiple of 16 or not): the mask then lets the loads be vectorized
     def _leaky_sq(U, G, OUT, n, slope, BACK: tl.constexpr, BLOCK: tl.constexpr):
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         u = tl.load(U + i, mask=i < n, other=0.0).to(tl.float32)
@@ -862,6 +862,46 @@ class QKNormRope(torch.autograd.Function):
         return dx, None, None, None, None
 
 
+class LoraLinears(torch.autograd.Function):
+    """ys_i = x @ W_i^T (+ (x @ A_i) @ B_i where has[i]) for linears sharing x (B, T, in), base weights W_i without
+    gradient (TTT). One autograd node: the gradient of x accumulates inside the GEMMs (beta = 1) instead of one add
+    kernel per consumer of x (6 of them for q, k, v with adapters). Adapters in any dtype; their gradients come back
+    in it (computed in x's dtype, as through lora_linear's casts)."""
+
+    @staticmethod
+    def forward(ctx, x, has, *wab):
+        n, dt = len(has), x.dtype
+        Ws, ab = [w.to(dt) for w in wab[:n]], iter(wab[n:])
+        ads = [(next(ab), next(ab)) if h else None for h in has]
+        ys, xas = [], []
+        for W, ad in zip(Ws, ads):
+            y = (x.reshape(-1, x.shape[-1]) @ W.T).view(*x.shape[:-1], W.shape[0])
+            if ad is not None:
+                xas.append(torch.bmm(x, ad[0].to(dt)))
+                y = torch.baddbmm(y, xas[-1], ad[1].to(dt))
+            ys.append(y)
+        ctx.has, ctx.dtypes = has, [t.dtype for t in wab[n:]]
+        ctx.save_for_backward(x, *Ws, *xas, *wab[n:])
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *gs):
+        x, *rest = ctx.saved_tensors
+        n, dt = len(ctx.has), x.dtype
+        Ws, xas, ab = rest[:n], iter(rest[n:n + sum(ctx.has)]), iter(rest[n + sum(ctx.has):])
+        dx, dab = None, []
+        for g, W, h in zip(gs, Ws, ctx.has):
+            g = g.contiguous()
+            g2 = g.view(-1, W.shape[0])
+            dx = (g2 @ W).view(x.shape) if dx is None else dx.view(g2.shape[0], -1).addmm_(g2, W).view(x.shape)
+            if h:
+                A, Bm = next(ab), next(ab)
+                t = torch.bmm(g, Bm.to(dt).mT)
+                dab += [torch.bmm(x.mT, t), torch.bmm(next(xas).mT, g)]
+                dx.baddbmm_(t, A.to(dt).mT)
+        return (dx, None, *[None] * n, *[d.to(t) for d, t in zip(dab, ctx.dtypes)])
+
+
 class MixNorm(torch.autograd.Function):
     """y = sum_i w_i * x_i over 2 or 3 inputs of one shape (last dim D); each weight None (1), a 0-dim tensor or a
     (D,) tensor, without gradient; with a scale s (a Python float) also rms_norm(y) * s, rounded as unfused. One pass
@@ -914,6 +954,16 @@ def lora_linear(mod, x, ad):
     return y
 
 
+def lora_linears(mods, x, ads, eager, post=lambda y: y):
+    """[post(lora_linear(mod, x, ad))] for linears that share x. Eagerly with frozen base weights and adapters (TTT):
+    one LoraLinears node. Otherwise the torch expressions, in the order the compiled training graph has them."""
+    if (eager and not mods[0].weight.requires_grad and any(a is not None for a in ads) and (x.is_cuda or EAGER_KERNELS_ANYWHERE)
+            and not torch.compiler.is_compiling()):  # (plain torch ops: no triton needed)
+        has = tuple(a is not None for a in ads)
+        return [post(y) for y in LoraLinears.apply(x, has, *[m.weight for m in mods], *[t for a in ads if a is not None for t in a])]
+    return [post(lora_linear(m, x, a)) for m, a in zip(mods, ads)]
+
+
 class Rotary(nn.Module):
     def __init__(self, rope_dims, base, max_len=1 << 16):
         super().__init__()
@@ -942,6 +992,7 @@ class Attention(nn.Module):
         self.gate_w = nn.Parameter(torch.zeros(h, cfg.smear_dims))
         self.gate_scale, self.gate_dims = cfg.attn_gate_scale, cfg.smear_dims
         pow2 = lambda n: n & (n - 1) == 0
+        self.eager = cfg.eager_kernels
         self.xsa_kernel = cfg.eager_kernels and cfg.xsa and pow2(h // kv) and pow2(self.hd)  # Triton: powers of two
         self.qk_kernel = cfg.eager_kernels and pow2(self.hd)
 
@@ -950,9 +1001,8 @@ class Attention(nn.Module):
 
     def forward(self, x, ctx, ad):
         B, T, _ = x.shape
-        q = lora_linear(self.q, x, ad.get("q")).view(B, T, self.h, self.hd)
-        k = lora_linear(self.k, x, ad.get("k")).view(B, T, self.kv, self.hd)
-        v = lora_linear(self.v, x, ad.get("v")).view(B, T, self.kv, self.hd)
+        q, k, v = lora_linears((self.q, self.k, self.v), x, (ad.get("q"), ad.get("k"), ad.get("v")), self.eager,
+                               lambda y: y.view(B, T, -1, self.hd))
         if self.qk_kernel and not self.q_gain.requires_grad and eager_kernels(q):  # no gradient for the gain
             tables = ctx.rotary.cos, ctx.rotary.sin, ctx.pos
             q, k = QKNormRope.apply(q, *tables, self.q_gain.float()), QKNormRope.apply(k, *tables, None)
@@ -968,7 +1018,7 @@ class Attention(nn.Module):
                 vh = F.normalize(v.float(), dim=-1).repeat_interleave(self.h // self.kv, 2).to(y.dtype)
                 y = y - torch.tanh(self.xsa_alpha).to(y.dtype)[:, None] * (y * vh).sum(-1, keepdim=True) * vh
             y = y * self.gate(x)[..., None]
-        return lora_linear(self.o, y.reshape(B, T, self.h * self.hd), ad.get("o"))
+        return lora_linears((self.o,), y.reshape(B, T, self.h * self.hd), (ad.get("o"),), self.eager)[0]
 
 
 class MLP(nn.Module):
@@ -981,7 +1031,7 @@ class MLP(nn.Module):
     def forward(self, x, ad):
         u = self.up(x)
         h = LeakySq.apply(u, self.slope) if self.eager and eager_kernels(u) else F.leaky_relu(u, self.slope).square()
-        return lora_linear(self.down, h, ad.get("mlp"))
+        return lora_linears((self.down,), h, (ad.get("mlp"),), self.eager)[0]
 
 
 class Block(nn.Module):

@@ -70,6 +70,26 @@ for k, s, D, wt in ((2, 0.7, 512, torch.float32), (3, None, 512, torch.float32),
     for i, (a, b) in enumerate(zip(torch.autograd.grad(outs, xs, gs), torch.autograd.grad(refs, x64, [g.double() for g in gs]))):
         check(f"MixNorm k={k} D={D} dx{i}", a, b, 1e-2)
 
+# LoraLinears (TTT's q/k/v with adapters as one node) vs lora_linear's torch expressions in fp64; bf16 activations,
+# fp32 weights and adapters (rank 80) as in TTT
+x = torch.randn(8, 2048, 512, device=dev).bfloat16().requires_grad_()
+mods = [torch.nn.Linear(512, o, bias=False, device=dev).requires_grad_(False) for o in (512, 256, 256)]
+ads = [((torch.randn(8, 512, 80, device=dev) / 23).requires_grad_(), (torch.randn(8, 80, o, device=dev) / 9).requires_grad_())
+       for o in (512, 256, 256)]
+leaves = [x] + [t for a in ads for t in a]
+gs = [torch.randn(8, 2048, o, device=dev).bfloat16() for o in (512, 256, 256)]
+with torch.autocast("cuda", dtype=torch.bfloat16):
+    ys = T.lora_linears(mods, x, ads, True)
+got = [*ys, *torch.autograd.grad(ys, leaves, gs)]
+l64 = [t.detach().double().requires_grad_() for t in leaves]
+m64 = [torch.nn.Linear(512, o, bias=False, device=dev).double().requires_grad_(False) for o in (512, 256, 256)]
+for a, b in zip(m64, mods):
+    a.weight.copy_(b.weight)
+refs = [T.lora_linear(m, l64[0], (l64[1 + 2 * i], l64[2 + 2 * i])) for i, m in enumerate(m64)]
+refs += torch.autograd.grad(refs, l64, [g.double() for g in gs])
+for name, a, b in zip(("q", "k", "v", "dx", "dAq", "dBq", "dAk", "dBk", "dAv", "dBv"), got, refs):
+    check(f"LoraLinears {name}", a, b, 1e-2)
+
 # attention backends: forward and gradients vs fp32 masked SDPA on packed docs (the self-check ATTN_BACKEND=auto runs)
 for b in ("fa3", "fa4", "varlen"):
     try:

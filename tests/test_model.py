@@ -551,6 +551,40 @@ def test_eager_kernels_in_the_triton_interpreter(tmp_path):
     assert max(err) < 1e-4, err
 
 
+def test_lora_linears_node_equals_the_torch_expressions(monkeypatch):
+    """LoraLinears (TTT's q/k/v, o and MLP-output linears with adapters as one autograd node, x's gradient accumulated
+    inside the GEMMs) against lora_linear's torch expressions: outputs and the gradients of x and the adapters, fp64,
+    one linear without an adapter; then the whole model's loss and adapter gradients with and without it."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    mods = [torch.nn.Linear(16, o, bias=False).double().requires_grad_(False) for o in (16, 8, 8)]
+    ads = [None if o is None else tuple(torch.randn(s, dtype=torch.float64, requires_grad=True) for s in ((2, 16, 3), (2, 3, o)))
+           for o in (16, None, 8)]
+    leaves = [x] + [t for a in ads if a for t in a]
+    gs = [torch.randn(2, 7, m.out_features, dtype=torch.float64) for m in mods]
+    res = []
+    for on in (True, False):
+        monkeypatch.setattr(T, "EAGER_KERNELS_ANYWHERE", on)
+        ys = T.lora_linears(mods, x, ads, True)
+        res.append([y.detach() for y in ys] + list(torch.autograd.grad(ys, leaves, gs)))
+    assert max(float((a - b).abs().max()) for a, b in zip(*res)) < 1e-12
+    assert torch.autograd.gradcheck(lambda x, *ab: T.LoraLinears.apply(x, (True, False, True), *[m.weight for m in mods], *ab),
+                                    tuple(leaves))
+    m = make_model(); m.requires_grad_(False); m.looping = True
+    d, r, L = m.cfg.model_dim, 4, m.cfg.num_layers
+    shapes = dict(q=(d, d), k=(d, d // 2), v=(d, d // 2), o=(d, d), mlp=(m.cfg.mlp_mult * d, d))
+    ad = {k: [tuple((torch.randn(2, *s) * 0.1).requires_grad_() for s in ((i, r), (r, o))) for _ in range(L)]
+          for k, (i, o) in shapes.items()}
+    flat = [t for v in ad.values() for a in v for t in a]
+    ids, cu = torch.randint(0, m.cfg.vocab_size, (2, 40)), torch.tensor([0, 40, 55, 80], dtype=torch.int32)
+    res = []
+    for on in (True, False):
+        monkeypatch.setattr(T, "EAGER_KERNELS_ANYWHERE", on)
+        loss = m(ids, ids.roll(-1, 1), cu, 40, ad).mean()
+        res.append([loss.detach()] + list(torch.autograd.grad(loss, flat)))
+    assert max(float((a - b).abs().max()) for a, b in zip(*res)) < 1e-5
+
+
 def plain_block_forward(self, lanes, x0, ctx, ad):
     """Block.forward as plain torch expressions (before the eager kernels' plumbing): the reference order."""
     m = self.resid_mix.to(x0.dtype)
