@@ -93,7 +93,7 @@ CONFIG = [
     ("FUSED_CE", True, "Triton fused softcapped cross-entropy (GPU, symmetric cap)"),
     ("EAGER_KERNELS", True, "GPU: Triton kernels for the elementwise work of eager (uncompiled) forwards and backwards: "
                             "TTT's LoRA steps and evaluation (residual mixes + norms, q/k norm + rotary, XSA + gate, "
-                            "LeakyReLU^2)"),
+                            "LeakyReLU^2), and TTT's linears with adapters as one autograd node each (LoraLinears)"),
     ("ATTN_BACKEND", "auto", "auto (fa3; else fa4 for training, self-checked; else varlen on GPU; sdpa on CPU; evaluation "
                              "and TTT use fa4 only when named) | fa3 | fa4 | varlen | sdpa"),
     # quantization / artifact
