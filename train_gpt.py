@@ -889,16 +889,18 @@ class LoraLinears(torch.autograd.Function):
         x, *rest = ctx.saved_tensors
         n, dt = len(ctx.has), x.dtype
         Ws, xas, ab = rest[:n], iter(rest[n:n + sum(ctx.has)]), iter(rest[n + sum(ctx.has):])
-        dx, dab = None, []
+        dx, dab, want = None, [], ctx.needs_input_grad[0]  # (the first block's input has no gradient)
         for g, W, h in zip(gs, Ws, ctx.has):
             g = g.contiguous()
-            g2 = g.view(-1, W.shape[0])
-            dx = (g2 @ W).view(x.shape) if dx is None else dx.view(g2.shape[0], -1).addmm_(g2, W).view(x.shape)
+            if want:
+                g2 = g.view(-1, W.shape[0])
+                dx = (g2 @ W).view(x.shape) if dx is None else dx.view(g2.shape[0], -1).addmm_(g2, W).view(x.shape)
             if h:
                 A, Bm = next(ab), next(ab)
                 t = torch.bmm(g, Bm.to(dt).mT)
                 dab += [torch.bmm(x.mT, t), torch.bmm(next(xas).mT, g)]
-                dx.baddbmm_(t, A.to(dt).mT)
+                if want:
+                    dx.baddbmm_(t, A.to(dt).mT)
         return (dx, None, *[None] * n, *[d.to(t) for d, t in zip(dab, ctx.dtypes)])
 
 

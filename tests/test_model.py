@@ -554,7 +554,8 @@ def test_eager_kernels_in_the_triton_interpreter(tmp_path):
 def test_lora_linears_node_equals_the_torch_expressions(monkeypatch):
     """LoraLinears (TTT's q/k/v, o and MLP-output linears with adapters as one autograd node, x's gradient accumulated
     inside the GEMMs) against lora_linear's torch expressions: outputs and the gradients of x and the adapters, fp64,
-    one linear without an adapter; then the whole model's loss and adapter gradients with and without it."""
+    one linear without an adapter; then the whole model's loss and adapter gradients with and without it (the first
+    block's input has no gradient there: its GEMMs are skipped)."""
     torch.manual_seed(0)
     x = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
     mods = [torch.nn.Linear(16, o, bias=False).double().requires_grad_(False) for o in (16, 8, 8)]
