@@ -1,5 +1,6 @@
 """Artifact tests (issue 4): quantized state -> bytes -> file -> model gives exactly the in-memory quantized logits."""
 import subprocess, sys, types
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,17 +69,31 @@ def test_artifact_rejects_other_config():
         T.load_dequantized(T.GPT(cfg2), packed, cfg2)
 
 
-def test_wrapped_code_runs_and_counts(tmp_path):
+@pytest.mark.parametrize("minifier", [True, False])
+def test_wrapped_code_runs_and_counts(tmp_path, monkeypatch, minifier):
+    """The submitted form of the code (python-minifier, or without it the standard library's strip_source) runs and
+    computes what the source computes: a tiny model's loss, same seed, to the last bit."""
+    if minifier:
+        pytest.importorskip("python_minifier")
+    else:
+        monkeypatch.setitem(sys.modules, "python_minifier", None)  # the import fails
     src = open(T.__file__).read()
     code, method = T.wrap_code(src)
-    assert len(code) < len(src.encode()) / 2 and code.count(b"\n") == 2
+    assert ("python-minifier missing" in method) != minifier
+    assert len(code) < len(src.encode()) / 3 and code.count(b"\n") == 2
     f = tmp_path / "wrapped.py"
     f.write_bytes(code)
+    probe = ("import torch; torch.manual_seed(0); m = G['GPT'](G['Config'](dict(RUN_PRESET='tiny', DATA_PATH='/x'))); "
+             "ids = torch.randint(0, m.cfg.vocab_size, (1, 64)); m.looping = True; "
+             "print(repr(float(m(ids, ids, torch.tensor([0, 30, 64], dtype=torch.int32), 64).mean())))")
     # run the stub under another module name, so main() does not start
-    r = subprocess.run([sys.executable, "-c", f"import runpy; g = runpy.run_path({str(f)!r}, run_name='wrapped_test'); "
-                        "print(g['GPT'].__name__, len(g['CONFIG']))"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", f"import runpy; G = runpy.run_path({str(f)!r}, run_name='wrapped_test'); " + probe],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("GPT ")
+    ref = subprocess.run([sys.executable, "-c", f"import sys; sys.argv = ['x']; sys.path.insert(0, {str(Path(T.__file__).parent)!r}); "
+                          "import train_gpt; G = vars(train_gpt); " + probe], capture_output=True, text=True, timeout=120)
+    assert ref.returncode == 0, ref.stderr
+    assert r.stdout.split()[-1] == ref.stdout.split()[-1]
 
 
 def test_artifact_limit_is_enforced(tmp_path):
