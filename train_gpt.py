@@ -865,9 +865,9 @@ class QKNormRope(torch.autograd.Function):
 
 class LoraLinears(torch.autograd.Function):
     """ys_i = x @ W_i^T (+ (x @ A_i) @ B_i where has[i]) for linears sharing x (B, T, in), base weights W_i without
-    gradient (TTT). One autograd node: the gradient of x accumulates inside the GEMMs (beta = 1) instead of one add
-    kernel per consumer of x (6 of them for q, k, v with adapters). Adapters in any dtype; their gradients come back
-    in it (computed in x's dtype, as through lora_linear's casts)."""
+    gradient (TTT). One autograd node: the gradient of x accumulates inside the GEMMs (beta = 1) instead of an add
+    kernel per further consumer of x (five for q, k, v with adapters). Adapters in any dtype; their gradients come
+    back in it (computed in x's dtype, as through lora_linear's casts)."""
 
     @staticmethod
     def forward(ctx, x, has, *wab):
