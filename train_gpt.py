@@ -788,11 +788,11 @@ class SoftcapCE(torch.autograd.Function):
         return dz, None, None
 
 
-def eager_kernels(t):
-    """Whether the eager Triton kernels below run: CUDA tensors outside torch.compile (whose own fusion serves
-    training); they cut the elementwise passes of TTT's eager LoRA steps. The tests set EAGER_KERNELS_ANYWHERE to run
-    them in Triton's CPU interpreter."""
-    return HAVE_TRITON and (t.is_cuda or EAGER_KERNELS_ANYWHERE) and not torch.compiler.is_compiling()
+def eager_kernels(t, triton_needed=True):
+    """Whether the eager kernels below run: CUDA tensors outside torch.compile (whose own fusion serves training);
+    they cut the elementwise passes of TTT's eager LoRA steps. The tests set EAGER_KERNELS_ANYWHERE to run them on
+    the CPU (the Triton ones in Triton's interpreter; LoraLinears is plain torch and needs no triton)."""
+    return (HAVE_TRITON or not triton_needed) and (t.is_cuda or EAGER_KERNELS_ANYWHERE) and not torch.compiler.is_compiling()
 
 
 EAGER_KERNELS_ANYWHERE = False
@@ -960,8 +960,7 @@ def lora_linear(mod, x, ad):
 def lora_linears(mods, x, ads, eager, post=lambda y: y):
     """[post(lora_linear(mod, x, ad))] for linears that share x. Eagerly with frozen base weights and adapters (TTT):
     one LoraLinears node. Otherwise the torch expressions, in the order the compiled training graph has them."""
-    if (eager and not mods[0].weight.requires_grad and any(a is not None for a in ads) and (x.is_cuda or EAGER_KERNELS_ANYWHERE)
-            and not torch.compiler.is_compiling()):  # (plain torch ops: no triton needed)
+    if eager and not mods[0].weight.requires_grad and any(a is not None for a in ads) and eager_kernels(x, False):
         has = tuple(a is not None for a in ads)
         return [post(y) for y in LoraLinears.apply(x, has, *[m.weight for m in mods], *[t for a in ads if a is not None for t in a])]
     return [post(lora_linear(m, x, a)) for m, a in zip(mods, ads)]
@@ -2155,10 +2154,9 @@ def strip_source(src: str):
     """The source without comments and docstrings (the standard library's ast): python-minifier's stand-in."""
     tree = ast.parse(src)
     for n in ast.walk(tree):
-        body = getattr(n, "body", None)
-        if (isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and isinstance(body[0], ast.Expr)
-                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
-            n.body = body[1:] or [ast.Pass()]
+        if (isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and isinstance(n.body[0], ast.Expr)
+                and isinstance(n.body[0].value, ast.Constant) and isinstance(n.body[0].value.value, str)):
+            n.body = n.body[1:] or [ast.Pass()]
     return ast.unparse(tree)
 
 

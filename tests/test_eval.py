@@ -216,19 +216,19 @@ def test_cuda_graph_padding_is_exact(trained, monkeypatch):
 def test_ttt_scores_the_same_through_lora_linears(trained, monkeypatch):
     """TTT with its adapted linears as LoraLinears nodes (the GPU path; here on the CPU, without the Triton kernels
     when triton is missing) scores as with lora_linear's torch expressions, global SGD phases included."""
+    if T.HAVE_TRITON:
+        pytest.skip("triton installed: the CPU run would need the Triton interpreter (the interpreter test covers it)")
     tokens, nbytes = val_stream(seed=6, n_docs=6, mean_len=60)
     cfg = tiny_cfg(PHASED_TTT_PREFIX_DOCS=3, TTT_BATCH_DOCS=3, TTT_LORA_LR=0.01)
     results, calls = [], []
     orig = T.LoraLinears.apply
     monkeypatch.setattr(T.LoraLinears, "apply", lambda *a: calls.append(1) or orig(*a))
     for on in (True, False):
-        monkeypatch.setattr(T, "EAGER_KERNELS_ANYWHERE", on and not T.HAVE_TRITON)  # (interpreted Triton: too slow)
+        monkeypatch.setattr(T, "EAGER_KERNELS_ANYWHERE", on)
         m = model_from(trained, cfg)
         m.looping = True
         torch.manual_seed(1)
         results.append(T.ttt_eval(m, T.Scorer(m, tokens, nbytes, CPU.device), tokens, cfg, CPU, float("inf"))[0])
-        if on and T.HAVE_TRITON:
-            pytest.skip("triton installed: the CPU run would need the Triton interpreter (the interpreter test covers it)")
         assert (len(calls) > 0) == on
         calls.clear()
     assert results[0][2:] == results[1][2:] and abs(results[0][0] - results[1][0]) < 1e-6, results
