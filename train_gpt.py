@@ -87,9 +87,7 @@ CONFIG = [
     ("COMPILE_SCOPE", "model", "model: compile the whole model (fastest steps) | blocks: one block graph reused by every "
                                "layer (faster start-up, slower steps)"),
     ("COMPILE_HELPER", True, "GPU: a second process compiles the loop-off training graph into the inductor cache while "
-                             "this one compiles the looping graph (COMPILE_SCOPE=model); another one, once training and "
-                             "calibration are done, builds TTT's kernels (EAGER_KERNELS' Triton kernels, TTT_COMPILE's "
-                             "graphs) into the caches"),
+                             "this one compiles the looping graph (COMPILE_SCOPE=model)"),
     ("FUSED_CE", True, "Triton fused softcapped cross-entropy (GPU, symmetric cap)"),
     ("EAGER_KERNELS", True, "GPU: Triton kernels for the elementwise work of eager (uncompiled) forwards and backwards: "
                             "TTT's LoRA steps and evaluation (residual mixes + norms, q/k norm + rotary, XSA + gate, "
@@ -129,9 +127,6 @@ CONFIG = [
     ("TTT_CUDA_GRAPHS", True, "GPU: run each LoRA step shape as a CUDA graph, captured on first use (TTT 2.6x faster on an H200)"),
     ("TTT_PAD_ROWS", "x8", "CUDA-graph row counts of the LoRA forwards: x8 (exact up to 16, then multiples of 8) | pow2 "
                            "(powers of two: more padding, fewer graphs; 2.4% slower on the bench val)"),
-    ("TTT_COMPILE", False, "GPU: torch.compile the serial blocks of the LoRA steps (one dynamic-shape graph, compiled inside "
-                           "the eval timer: 77 s cold on an H200; its LoRA steps were 1.3x faster than the eager ones before EAGER_KERNELS, "
-                           "which made them 1.7x faster without a compile: off unless measured otherwise)"),
     ("TTT_LORA_RANK", 80, "LoRA rank"),
     ("TTT_LORA_LR", 1e-4, "LoRA AdamW lr"),
     ("TTT_LORA_WD", 0.5, "LoRA AdamW weight decay"),
@@ -178,6 +173,7 @@ FAMILIES = {"TTT", "PHASED", "GPTQ", "LQER", "MUON", "NGRAM", "QUANT", "XSA", "E
             "DATA"}
 ALIASES = {"PHASED_TTT_ENABLED": "TTT_MODE=phased", "TTT_ENABLED": "TTT_MODE (phased | full | off)",
            "SLIDING_WINDOW_ENABLED": "SLIDING_EVAL", "NGRAM_ENABLED": "NGRAM_TILT", "DATA_DIR": "DATA_PATH"}
+REMOVED = {"TTT_COMPILE": "the eager TTT kernels (EAGER_KERNELS, the default) are faster without a compile"}
 
 
 def looks_like(key, names):
@@ -226,7 +222,9 @@ class Config:
             if key in names or key in KNOWN_FOREIGN or not key.isupper():
                 continue
             close = looks_like(key, names)
-            if close:
+            if key in REMOVED:
+                self.warnings.append(f"warning: environment variable {key} was removed ({REMOVED[key]}); it is ignored")
+            elif close:
                 self.warnings.append(f"warning: environment variable {key} is not a setting of train_gpt.py; "
                                      f"did you mean {close}? (it is ignored)")
 
@@ -1308,17 +1306,13 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
-def compile_blocks(model, dynamic, backend="inductor"):
+def compile_blocks(model, backend="inductor"):
     """One compiled callable per block. They share Block.forward's code, so one graph per block kind (serial, first
-    parallel, later parallel; inputs with or without grad; size-1 batches) serves every layer; training and TTT
-    each add their kinds to that code's cache, hence the higher recompile limits."""
+    parallel, later parallel; inputs with or without grad) serves every layer, hence the higher recompile limits."""
     for k in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(torch._dynamo.config, k):
             setattr(torch._dynamo.config, k, max(getattr(torch._dynamo.config, k), 64))
-    if dynamic:  # a length that happens to equal a weight dimension must not become a constant of the graph
-        import torch.fx.experimental._config as fx_config
-        fx_config.use_duck_shape = False
-    return [torch.compile(b, dynamic=dynamic, backend=backend) for b in model.blocks]
+    return [torch.compile(b, dynamic=False, backend=backend) for b in model.blocks]
 
 
 def cache_counts(since=None):
@@ -1328,20 +1322,15 @@ def cache_counts(since=None):
     return tuple(a - b for a, b in zip(n, since)) if since else tuple(n)
 
 
-COMPILE_HELPERS = {}  # what -> helper process still to be joined (the TTT helper: from training to evaluation)
-
-
-def start_compile_helper(cfg, rt, what="train"):
-    """`python train_gpt.py compile-helper GPU WHAT` in the background, with this process's settings and GPU: one per
-    rank, because the inductor cache keys hold the device index. WHAT: train (the loop-off training graph, during
-    the warm-up) or ttt (EAGER_KERNELS' and TTT_COMPILE's builds, after training and calibration)."""
+def start_compile_helper(cfg, rt):
+    """`python train_gpt.py compile-helper GPU` in the background during the warm-up, with this process's settings
+    and GPU: one per rank, because the inductor cache keys hold the device index."""
     import torch._inductor.config
-    wanted = (cfg.compile and cfg.compile_scope == "model") if what == "train" else (
-        cfg.ttt_mode == "phased" and (cfg.ttt_compile or (cfg.eager_kernels and HAVE_TRITON)))
-    if not (wanted and cfg.compile_helper and rt.device.type == "cuda" and torch._inductor.config.fx_graph_cache):
+    if not (cfg.compile and cfg.compile_scope == "model" and cfg.compile_helper and rt.device.type == "cuda"
+            and torch._inductor.config.fx_graph_cache):
         return None  # without the FX graph cache it would only cost memory
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "compile-helper", str(rt.local_rank), what],
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "compile-helper", str(rt.local_rank)],
                             stdout=log, stderr=log)
     proc.log = log
     atexit.register(lambda: proc.poll() is None and proc.kill())  # the run ended early: no orphan
@@ -1363,31 +1352,20 @@ def join_compile_helper(proc, rt, timeout=900):
                f"compiling here instead (COMPILE_HELPER=0 skips the helper)")
 
 
-def compile_helper(gpu, what="train", backend="inductor"):
-    """The helper's work; only the compile caches it writes are used. train: the loop-off training graph of this
+def compile_helper(gpu, backend="inductor"):
+    """The helper's work; only the compile cache it writes is used: the loop-off training graph of this
     configuration, compiled by one forward and backward of a synthetic micro-batch of the real shapes (micro_loss,
-    as in training). ttt: EAGER_KERNELS' Triton kernels and the LoRA-step graphs of TTT_COMPILE (dynamic shapes),
-    built by a TTT batch of three synthetic documents. Without a GPU (tests) it runs on the CPU."""
+    as in training). Without a GPU (tests) it runs on the CPU."""
     cfg = Config()
     device = torch.device("cuda", gpu) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":  # a share of the GPU: out of memory, the helper fails, never the run beside it
         torch.cuda.set_device(device)
-        torch.cuda.set_per_process_memory_fraction(0.4 if what == "train" else 0.15, device)
+        torch.cuda.set_per_process_memory_fraction(0.4, device)
     rt = Runtime(0, int(os.environ.get("WORLD_SIZE", "1")), gpu, device, False)
     setup_torch(rt)
     torch.manual_seed(cfg.seed)
     model = GPT(cfg).to(device)
-    model.attn_backend = pick_attention(cfg.attn_backend, device, what == "train", attention_heads(cfg), lambda m: None)
-    if what == "ttt":  # as evaluate_artifact + TTT.run set the model up; three documents give a multi-row step
-        model.looping = cfg.num_loops > 0
-        model.requires_grad_(False)
-        tok = np.concatenate([[BOS_ID] + list(range(2, n + 1)) for n in (3 * cfg.ttt_chunk, 2 * cfg.ttt_chunk, cfg.ttt_chunk)] + [[BOS_ID]])
-        sc = Scorer(model, tok, np.ones_like(tok), device, fused_ce_on(cfg, device))
-        TTT.compile_backend = backend
-        ttt = TTT(model, sc, tok, cfg, rt, float("inf"))
-        ttt.lora_batch(ttt.docs)
-        sync(device)
-        return
+    model.attn_backend = pick_attention(cfg.attn_backend, device, True, attention_heads(cfg), lambda m: None)
     n = cfg.train_batch_tokens // (rt.world * grad_accum(cfg, rt))
     x = torch.randint(0, cfg.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(0)).numpy()
     x[::997] = BOS_ID
@@ -1424,7 +1402,7 @@ class Trainer:
             if cfg.compile_scope == "model":
                 self.loss_fn = torch.compile(model, dynamic=False)
             elif cfg.compile_scope == "blocks":  # the modules stay eager for calibration and evaluation
-                self.block_fns = compile_blocks(model, dynamic=False)
+                self.block_fns = compile_blocks(model)
             else:
                 raise SystemExit(f"error: COMPILE_SCOPE={cfg.compile_scope!r}; use blocks or model")
         # the wallclock stop needs one agreed clock; a CPU group agrees without waiting for the GPU queue
@@ -2474,7 +2452,6 @@ class TTT:
 
     runs = 0  # TTT evaluations so far in this process (every rank counts alike): fresh queue keys for each
     pad_always = False  # tests: the padding of the CUDA-graph path without the graphs (CPU)
-    compile_backend = "inductor"  # tests: a tracing-only backend compiles the LoRA steps on the CPU too
 
     def __init__(self, model, scorer, tokens, cfg, rt, deadline, score_rate=None):
         self.m, self.sc, self.tok, self.cfg, self.rt, self.deadline = model, scorer, tokens, cfg, rt, deadline
@@ -2489,14 +2466,7 @@ class TTT:
         self.graphs = {} if cfg.ttt_cuda_graphs and rt.device.type == "cuda" else None
         self.pool = torch.cuda.graph_pool_handle() if self.graphs is not None else None
         self.pad = self.graphs is not None or TTT.pad_always
-        # compiled: the serial blocks past the first, 13 of 17 layer calls when looping, in one graph of dynamic
-        # shape. Each further kind (first block, parallel blocks, single rows) would cost a compile of its own
-        self.block_fns = None
-        join_compile_helper(COMPILE_HELPERS.pop("ttt", None), rt)  # its cache entries (inductor, Triton) make compiles loads
-        if cfg.ttt_compile and cfg.ttt_mode == "phased" and (rt.device.type == "cuda" or TTT.compile_backend != "inductor"):
-            fns = compile_blocks(model, True, TTT.compile_backend)
-            self.block_fns = [f if i and not b.parallel else b for i, (f, b) in enumerate(zip(fns, model.blocks))]
-        self.warm = set()  # kinds of step (compiled or not) already run once, so that no capture compiles
+        self.warm = False  # whether a LoRA step ran before the first capture (lazy initialization, Triton builds)
 
     def left(self):
         return self.deadline - time.perf_counter() - self.margin
@@ -2513,7 +2483,7 @@ class TTT:
         """(seconds per chunk step, per padded token) of the LoRA batches so far: least squares, both >= 0 (when
         the joint fit has a negative coefficient, the better of the two one-term fits)."""
         a = np.array(self.adapt_log, dtype=np.float64).reshape(-1, 4)
-        a = a[a[:, 3] == 0] if (a[:, 3] == 0).any() else a  # a batch that warmed up (compiled) has one-time costs
+        a = a[a[:, 3] == 0] if (a[:, 3] == 0).any() else a  # the batch that warmed up has one-time costs
         coef = np.linalg.lstsq(a[:, :2], a[:, 2], rcond=None)[0] if len(a) >= 3 else [-1]
         if min(coef) >= 0:
             return coef
@@ -2564,24 +2534,13 @@ class TTT:
         ad["head"] = next(it)
         return ad
 
-    def compiled(self, meta):  # whether a step of these rows runs the compiled blocks (TTT_COMPILE; not single rows)
-        return self.block_fns is not None and meta.shape[1] > 1
-
     def lora_step(self, ps, vs, meta, L, rows, train):
         """One chunk step of a slice of documents (rows of the slot tensors ps / vs): score the chunk (adds to the
         totals), then one AdamW step of each training document's adapter on it. meta: (4, B) starts, lengths,
         score-froms, train flags. The same code runs eagerly or captured in a CUDA graph (rows: trace only)."""
-        compiled = self.compiled(meta)
-        grad = train or compiled  # compiled blocks: one grad mode, so one graph
-        # slices of the slots past the first start at an offset; compiled blocks would need a graph for those
-        leaves = [(p.detach().clone() if compiled and ps[0].storage_offset() else p.detach()).requires_grad_(grad) for p in ps]
-        prev = self.m.block_fns
-        self.m.block_fns = self.block_fns if compiled else prev
-        try:
-            with torch.set_grad_enabled(grad):
-                loss, nll, scored, nb = self.sc.forward(rows, self.unflat(leaves), L, meta[:3], min(L, self.cfg.ttt_chunk))
-        finally:
-            self.m.block_fns = prev
+        leaves = [p.detach().requires_grad_(train) for p in ps]
+        with torch.set_grad_enabled(train):
+            loss, nll, scored, nb = self.sc.forward(rows, self.unflat(leaves), L, meta[:3], min(L, self.cfg.ttt_chunk))
         add_scores(self.tot, rows, nll, scored, nb)  # SCORE first ...
         if not train:
             return
@@ -2620,13 +2579,12 @@ class TTT:
     def replay(self, key, ps, vs, meta, L, rows):
         """lora_step through a CUDA graph per (first slot, rows, length), captured on first use into one shared
         memory pool (the steps run one after another on one stream; nothing a graph leaves behind is read by
-        another). The first capture of each kind follows a warm-up step on copies (lazy initialization, compiles)."""
+        another). The first capture follows a warm-up step on copies (lazy initialization, Triton builds)."""
         g, tot = self.graphs.get(key), self.tot
         if g is None:
             try:
-                kind = self.compiled(meta)
-                if kind not in self.warm:
-                    self.warm.add(kind)
+                if not self.warm:
+                    self.warm = True
                     s = torch.cuda.Stream()
                     s.wait_stream(torch.cuda.current_stream())
                     with torch.cuda.stream(s):
@@ -2710,10 +2668,10 @@ class TTT:
                 batch, steps, work, _ = bl[bi]
                 t0 = time.perf_counter()
                 if self.adapt_cost(steps, work) + rest[bi] / rt.world * self.rate["score"] <= self.left():
-                    warm = len(self.warm)
+                    warm = self.warm
                     self.lora_batch(batch)
                     sync(rt.device)
-                    self.adapt_log.append((steps, work, time.perf_counter() - t0, len(self.warm) > warm))
+                    self.adapt_log.append((steps, work, time.perf_counter() - t0, self.warm != warm))
                     self.stats["adapted_docs"] += len(batch)
                 else:
                     self.score_rows([r for s, e in batch for r in span_rows(s, s, e, W, W)])
@@ -2984,8 +2942,6 @@ def main():
             rt.log(f"GPTQ Hessians: {n_cal} batches in {summary['hessian_s']}s")
         summary["train_wallclock_s"] = round(time.perf_counter() - t_train0, 2)
         rt.log(f"training wallclock incl. calibration: {summary['train_wallclock_s']}s")
-        if cfg.quantize:  # TTT's kernels and graphs build beside the pre-quant eval and GPTQ, outside both timers
-            COMPILE_HELPERS["ttt"] = start_compile_helper(cfg, rt, "ttt")
         loss, bpb, n, nb = eval_windows(Scorer(model, val_tokens, val_bytes, rt.device),
                                         plain_rows(val_tokens, cfg.train_seq_len, cfg.val_max_tokens), rt, micro)
         summary.update(pre_quant_val_bpb=bpb, pre_quant_val_loss=loss, val_loss=loss, val_bpb=bpb, val_tokens=n, val_bytes=nb)
@@ -3026,9 +2982,9 @@ def cli(argv):
     `python train_gpt.py env-table`: the README table. No arguments: train (torchrun)."""
     if argv[:1] == ["env-table"]:
         print(env_table())
-    elif argv[:1] == ["compile-helper"] and len(argv) == 3:
-        os.nice(5 if argv[2] == "train" else 10)  # the run beside it comes first
-        compile_helper(int(argv[1]), argv[2])
+    elif argv[:1] == ["compile-helper"] and len(argv) == 2:
+        os.nice(5)  # the run beside it comes first
+        compile_helper(int(argv[1]))
     elif argv[:1] == ["merge"] and len(argv) >= 3:
         summaries = []
         for f in argv[2:]:

@@ -1,11 +1,10 @@
 """Phased TTT speed on the first TTT_BENCH_TOKENS val tokens (device machine, not CI).
 
-    DATA_PATH=... [TTT_BENCH_GRAPHS=1,0] [TTT_BENCH_SETTINGS="TTT_COMPILE=1,TTT_COMPILE=0 TTT_CUDA_GRAPHS=0"] python tests/gpu_ttt_bench.py
+    DATA_PATH=... [TTT_BENCH_GRAPHS=1,0] [TTT_BENCH_SETTINGS="EAGER_KERNELS=0,EAGER_KERNELS=1 TTT_CUDA_GRAPHS=0"] python tests/gpu_ttt_bench.py
 
 TTT_BENCH_GRAPHS lists the TTT_CUDA_GRAPHS settings to run, one after another in this process (same model, same
 adapter init), so their times are ratios measured in one run. TTT_BENCH_SETTINGS, if given, lists whole settings
-instead: comma-separated, each a space-separated list of KEY=VALUE env overrides. TTT_BENCH_COMPILE_TIMES=1 prints
-torch.compile's time per phase at the end.
+instead: comma-separated, each a space-separated list of KEY=VALUE env overrides.
 
 A freshly initialized record-size model (TTT speed does not depend on what the weights learned); every setting as in
 the record configuration; every document is a phase-prefix document, as on the whole 2,000-doc bench val set. Prints the TTT time
@@ -53,10 +52,5 @@ for graphs in settings.split(","):
           f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; {st}", flush=True)
     del m, sc
     torch.cuda.empty_cache()
-if os.environ.get("TTT_BENCH_COMPILE_TIMES") == "1":  # where torch.compile's seconds went (TTT_COMPILE settings)
-    from torch._dynamo.utils import compile_times
-    print(compile_times(repr="str", aggregate=True), flush=True)
-    c = torch._dynamo.utils.counters  # cache hits and misses, recompiles
-    print({g: dict(c[g]) for g in ("aot_autograd", "inductor", "stats", "recompiles")}, flush=True)
 if len(times) > 1:
     print("time ratios vs the first setting:", {k: round(v / times[next(iter(times))], 3) for k, v in times.items()}, flush=True)

@@ -261,71 +261,9 @@ def test_lora_shapes_row_rules():
         T.ttt_eval(None, None, None, tiny_cfg(TTT_PAD_ROWS="x4"), CPU, 0.0)
 
 
-def test_compiled_ttt_blocks_are_one_graph_and_exact(trained, monkeypatch):
-    """TTT_COMPILE: the serial blocks past the first compile into one graph of dynamic shape for every padded
-    shape of the run (no recompiles: grad mode, slot offsets, lengths), and the scores do not change. Traced with
-    a counting backend; on CPU the masked-SDPA attention would break the graph, so a traceable stand-in for
-    the GPU kernel (TTT rows are all of one length) serves both runs."""
-    import torch.nn.functional as F
-
-    def attention(q, k, v, cu, max_len, backend):
-        f = lambda t: t.view(cu.shape[0] - 1, -1, *t.shape[1:]).transpose(1, 2)
-        return F.scaled_dot_product_attention(f(q), f(k), f(v), is_causal=True, enable_gqa=True).transpose(1, 2).reshape(q.shape)
-    graphs = []
-
-    def backend(gm, example):
-        graphs.append(str(gm.meta.get("dynamo_compile_id")))  # one id per compiled graph
-        return gm.forward
-    monkeypatch.setattr(T, "varlen_attention", attention)
-    monkeypatch.setattr(T.TTT, "pad_always", True)
-    monkeypatch.setattr(T.TTT, "compile_backend", backend)
-    torch._dynamo.reset()
-    tokens, nbytes = val_stream(seed=5, n_docs=10, mean_len=80)
-    results = []
-    for compiled in (False, True):
-        cfg = tiny_cfg(PHASED_TTT_PREFIX_DOCS=0, TTT_BATCH_DOCS=10, TTT_LORA_LR=0.01, TTT_MAX_BATCH_TOKENS=300,
-                       TTT_COMPILE=compiled)
-        m = model_from(trained, cfg)
-        m.looping = True
-        torch.manual_seed(1)
-        results.append(T.ttt_eval(m, T.Scorer(m, tokens, nbytes, CPU.device), tokens, cfg, CPU, float("inf"))[0])
-    torch._dynamo.reset()
-    assert len(set(graphs)) == 1, graphs
-    assert results[1][2:] == results[0][2:] and abs(results[1][0] - results[0][0]) < 1e-6, results
-
-
-def test_ttt_compile_helper_compiles_the_eval_graph(trained, monkeypatch):
-    """COMPILE_HELPER with TTT_COMPILE: the helper (`train_gpt.py compile-helper GPU ttt`, run after training) must
-    trace exactly the LoRA-step block graph that the evaluation compiles, or its cache entries are never hit. Both
-    traced with a recording backend on the CPU, with a traceable stand-in for the GPU attention; the shapes differ
-    (the helper's three short documents, the evaluation's ten), the dynamic-shape graph code must not."""
-    from test_model import code_recorder, traceable_attention
-    codes = {}
-    recorder = lambda key: code_recorder(codes, key)
-    env = dict(tiny_cfg().values, TTT_COMPILE=True, PHASED_TTT_PREFIX_DOCS=0, TTT_BATCH_DOCS=10, TTT_MAX_BATCH_TOKENS=300)
-    for k, v in env.items():
-        monkeypatch.setenv(k, str(v))
-    monkeypatch.setattr(T, "varlen_attention", traceable_attention)
-    monkeypatch.setattr(T.TTT, "pad_always", True)
-    monkeypatch.setattr(T.TTT, "compile_backend", T.TTT.compile_backend)  # the helper sets it: restored after
-    torch._dynamo.reset()
-    try:
-        T.compile_helper(0, "ttt", backend=recorder("helper"))
-        cfg = T.Config()
-        m = model_from(trained, cfg)
-        m.looping = True
-        T.TTT.compile_backend = recorder("eval")
-        tokens, nbytes = val_stream(seed=5, n_docs=10, mean_len=80)
-        T.ttt_eval(m, T.Scorer(m, tokens, nbytes, CPU.device), tokens, cfg, CPU, float("inf"))
-    finally:
-        torch._dynamo.reset()
-    assert len(codes["helper"]) == 1 and len(codes["eval"]) == 1, {k: len(v) for k, v in codes.items()}
-    assert codes["helper"][0] == codes["eval"][0]
-
-
 def test_cost_fit_leaves_out_warm_up_batches():
     """The LoRA cost model that the eval budget projects with ignores batches that warmed up (first CUDA-graph
-    capture, TTT_COMPILE's compile): their one-time seconds would inflate every later projection."""
+    capture and its lazy initialization): their one-time seconds would inflate every later projection."""
     from types import SimpleNamespace
     rows = [(s, w, 0.01 * s + 1e-3 * w, False) for s, w in ((10, 1000), (20, 5000), (5, 3000), (40, 2000))]
     fit = T.TTT.cost_fit(SimpleNamespace(adapt_log=rows + [(50, 9000, 80.0, True)]))

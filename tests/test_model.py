@@ -209,7 +209,7 @@ def test_loader_cu_seqlens_exact_and_one_compiled_graph(tiny_data, scope):
         if scope == "model":
             fn = torch.compile(m, dynamic=False, backend=backend)
         else:  # COMPILE_SCOPE=blocks: one graph per block kind, whatever the batch
-            m.block_fns, fn = T.compile_blocks(m, dynamic=False, backend=backend), m
+            m.block_fns, fn = T.compile_blocks(m, backend=backend), m
         lens, kinds = set(), None
         for _ in range(4):
             (x, y, cu), = ld.next_step()
@@ -419,6 +419,9 @@ def test_config_typo_and_bad_values():
                         ("GPTQ_CALIB_BATCH", "GPTQ_CALIB_BATCHES")]:
         assert any(typo + " " in w and meant in w for w in cfg.warnings), (typo, text)
     assert len(cfg.warnings) == 4, text
+    assert T.Config({"TTT_COMPILE": "1"}).warnings == [  # a removed setting says so
+        "warning: environment variable TTT_COMPILE was removed (the eager TTT kernels (EAGER_KERNELS, the default) are "
+        "faster without a compile); it is ignored"]
     with pytest.raises(SystemExit, match="ITERATIONS"):
         T.Config({"ITERATIONS": "many"})
     with pytest.raises(SystemExit, match="RUN_PRESET"):
