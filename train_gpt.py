@@ -1338,8 +1338,6 @@ def start_compile_helper(cfg, rt):
 
 
 def join_compile_helper(proc, rt, timeout=900):
-    if proc is None:  # none was started
-        return
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
