@@ -10,8 +10,15 @@ costs (imports, Triton builds and loads; 6-10 s on an H200), which would otherwi
 With one setting and no TTT_BENCH_WARMUP, the time includes them, as a cold evaluation would.
 
 A freshly initialized record-size model (TTT speed does not depend on what the weights learned); every setting as in
-the record configuration; every document is a phase-prefix document, as on the whole 2,000-doc bench val set. Prints the TTT time
-(everything included, as inside the eval timer), scored tokens/s and the LoRA step statistics."""
+the record configuration; every document is a phase-prefix document, as on the whole 2,000-doc bench val set
+(TTT_BENCH_PREFIX_DOCS=N: the first N only). Prints the TTT time (everything included, as inside the eval timer), scored
+tokens/s and the LoRA step statistics.
+
+TTT_BENCH_MEAN_DOC_LEN=957 stands in for a val set of longer documents (FineWeb val: 47,851,520 tokens / 50,000 docs):
+as many documents as the val set has are drawn from it with replacement, with probability proportional to length^a,
+a chosen so that the expected mean length is the one asked for (for a log-normal length distribution this is the
+same distribution with every length scaled). A LoRA chunk step runs over each document's context up to the chunk,
+so TTT's cost per scored token grows with the document lengths."""
 import copy, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
@@ -23,11 +30,24 @@ torch.backends.cuda.matmul.allow_tf32 = True
 rt = T.Runtime(0, 1, 0, dev, True)
 cfg0 = T.Config()
 val = np.concatenate([np.asarray(T.read_shard(f)) for f in T.list_shards(cfg0.data_path, "val")]).astype(np.int64)
+mean_len = float(os.environ.get("TTT_BENCH_MEAN_DOC_LEN", "0"))
+if mean_len:  # a stand-in for a val set of longer documents (TTT's cost per token grows with the document length)
+    doc = [val[s:e] for s, e in T.doc_ranges(val)]
+    lens = np.array([len(d) for d in doc], dtype=np.float64)
+    lo, hi = 0.0, 4.0  # documents drawn with replacement, probability ~ length^a; a bisected for the mean length
+    for _ in range(60):
+        a = (lo + hi) / 2
+        lo, hi = (a, hi) if (lens ** (a + 1)).sum() / (lens ** a).sum() < mean_len else (lo, a)
+    pick = np.random.default_rng(0).choice(len(doc), size=len(doc), p=lens ** a / (lens ** a).sum())
+    val = np.concatenate([doc[i] for i in pick])
+    print(f"documents drawn with probability ~ length^{a:.3f}: mean {lens[pick].mean():.0f} tokens "
+          f"(the val set's {lens.mean():.0f})", flush=True)
 n = int(os.environ.get("TTT_BENCH_TOKENS", "300000"))
 starts = np.flatnonzero(val == T.BOS_ID)
 val = val[:int(starts[np.searchsorted(starts, n)]) if n < len(val) else len(val)]
 docs = T.doc_ranges(val)
-prefix = len(docs)  # as on the whole bench val set, whose 2,000 docs are all within PHASED_TTT_PREFIX_DOCS=2,500
+# default: every document is a phase-prefix document, as on the whole bench val set (2,000 docs < 2,500)
+prefix = int(os.environ.get("TTT_BENCH_PREFIX_DOCS", len(docs)))
 torch.manual_seed(0)
 base = T.GPT(cfg0).to(dev)
 base.attn_backend = T.pick_attention(cfg0.attn_backend, dev, training=False)
