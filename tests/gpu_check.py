@@ -26,6 +26,29 @@ for V in (8192, 1000):
     l2 = T.softcap_ce_eager(z, y, 30.0); l2.sum().backward(); g2 = z.grad.clone()
     check(f"fused CE loss V={V}", l1, l2, 1e-5); check(f"fused CE grad V={V}", g1, g2, 1e-2)
 
+# TTT's AdamW (lora_adamw_, PyTorch's fused kernel) replayed in a CUDA graph vs torch.optim.AdamW, 4 steps, rank 80
+ps = [torch.randn(64, 512, 80, device=dev), torch.randn(64, 80, 8192, device=dev) * 0.01]
+ref = [p.clone().requires_grad_() for p in ps]
+opt = torch.optim.AdamW(ref, lr=1e-4, betas=(0.0, 0.99), weight_decay=0.5)
+vs, gs, t = [torch.zeros_like(p) for p in ps * 2], [torch.zeros_like(p) for p in ps], torch.zeros((), device=dev)
+side = torch.cuda.Stream()
+side.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(side):  # warm-up on copies, as TTT.replay
+    T.lora_adamw_([p.clone() for p in ps], [g.clone() for g in gs], [v.clone() for v in vs], t, 1e-4, 0.5)
+torch.cuda.current_stream().wait_stream(side)
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    T.lora_adamw_(ps, gs, vs, t, 1e-4, 0.5)
+for step in range(1, 5):
+    for g, r in zip(gs, ref):
+        g.copy_(torch.randn_like(g) * 0.1)
+        r.grad = g.clone()
+    opt.step()
+    t.fill_(step)
+    graph.replay()
+for i, (p, r) in enumerate(zip(ps, ref)):
+    check(f"lora_adamw_ in a CUDA graph, tensor {i}", p, r.detach(), 1e-6)
+
 # eager Triton kernels of TTT (LeakySq, XSAGate) vs autograd of their torch math in fp64, bf16 inputs at record shapes
 u = (torch.randn(8192, 2048, device=dev) * 2).bfloat16().requires_grad_()
 g = torch.randn(8192, 2048, device=dev).bfloat16()

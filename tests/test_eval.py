@@ -239,7 +239,7 @@ def test_lora_adamw_matches_torch():
     ps = [torch.randn(3, 5, 4), torch.randn(3, 4, 7)]
     ref = [p.clone().requires_grad_() for p in ps]
     opt = torch.optim.AdamW(ref, lr=1e-2, betas=(0.0, 0.99), weight_decay=0.5)
-    vs, t = [torch.zeros_like(p) for p in ps], torch.zeros(())
+    vs, t = [torch.zeros_like(p) for p in ps * 2], torch.zeros(())
     for step in range(1, 5):
         gs = [torch.randn_like(p) for p in ps]
         for r, g in zip(ref, gs):
