@@ -440,6 +440,9 @@ def available_backends(device) -> dict:
         have["fa3"] = True
     except Exception:
         pass
+    # FA4 builds its kernels on first use (seconds each); with its on-disk cache the compile helper and later runs on
+    # this machine load them instead (FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=0 turns it off)
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
     try:
         from flash_attn.cute import flash_attn_varlen_func  # noqa: F401  (flash-attn-4)
         have["fa4"] = torch.cuda.get_device_capability(device)[0] >= 9

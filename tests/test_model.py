@@ -1,5 +1,6 @@
 """CPU tests of the model, optimizers, schedules and loader (issue 3 point 2) at a tiny size."""
 import io
+import os
 import math
 from pathlib import Path
 
@@ -389,6 +390,18 @@ def test_auto_attention_choice_and_self_check(monkeypatch):
     monkeypatch.setattr(T, "available_backends", lambda d: {"sdpa": True})
     with pytest.raises(SystemExit, match="ATTN_BACKEND=fa4 is not available"):
         T.pick_attention("fa4", torch.device("cpu"))
+
+
+def test_fa4_disk_cache_on_unless_set(monkeypatch):
+    """Before FA4 is imported on a GPU, its on-disk kernel cache is switched on, unless the user set the switch."""
+    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", raising=False)
+    T.available_backends(torch.device("cpu"))
+    assert "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED" not in os.environ  # no GPU: FA4 is never imported
+    T.available_backends(torch.device("cuda"))  # imports fail here without FA4 / a GPU: the switch is set first
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
+    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0")
+    T.available_backends(torch.device("cuda"))
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "0"
 
 
 def test_asym_softcap_gets_gradient():
