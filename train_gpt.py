@@ -446,8 +446,9 @@ def available_backends(device) -> dict:
     try:
         from flash_attn.cute import flash_attn_varlen_func  # noqa: F401  (flash-attn-4)
         have["fa4"] = torch.cuda.get_device_capability(device)[0] >= 9
-    except Exception:
-        pass
+    except Exception as e:  # noqa: BLE001  (installed but broken, e.g. a CUTLASS DSL wheel without `cutlass`): say why
+        if not isinstance(e, ModuleNotFoundError) or e.name not in ("flash_attn", "flash_attn.cute"):
+            FA4_IMPORT_ERROR[:] = [f"{type(e).__name__}: {str(e)[:200]}"]
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
         have["varlen"] = True
@@ -464,13 +465,16 @@ def pick_attention(requested: str, device, training=True, heads=(8, 4, 64), log=
     """auto: fa3, else fa4 for training (after a self-check against SDPA), else varlen (GPU), else sdpa. fa4 serves
     evaluation and TTT only when named: its kernels under TTT's CUDA graphs have not been checked on a GPU here."""
     have = available_backends(device)
+    if FA4_IMPORT_ERROR and training and requested == "auto":
+        log(f"attention backend fa4 skipped: flash-attn-4 is installed but does not import ({FA4_IMPORT_ERROR[0]})")
     if requested == "auto":
         for b in ("fa3", "fa4", "varlen", "sdpa"):
             if have.get(b) and (b != "fa4" or training and attention_agrees(b, device, heads, log)):
                 return b
     if not have.get(requested):
         raise SystemExit(f"error: ATTN_BACKEND={requested} is not available here (needs a GPU, or the package is not "
-                         f"importable); available: {sorted(k for k in have if have[k])}")
+                         f"importable); available: {sorted(k for k in have if have[k])}"
+                         + (f"; flash-attn-4 import: {FA4_IMPORT_ERROR[0]}" if requested == "fa4" and FA4_IMPORT_ERROR else ""))
     if requested == "fa4":  # define the custom op now: defining it while torch.compile traces would break the graph
         fa4_op()
     return requested
@@ -534,7 +538,7 @@ def varlen_attention(q, k, v, cu, max_len, backend):
 
 
 SDPA_BLOCK = 1024
-_FA4 = []
+_FA4, FA4_IMPORT_ERROR = [], []
 
 
 def fa4_op():

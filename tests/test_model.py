@@ -1,7 +1,9 @@
 """CPU tests of the model, optimizers, schedules and loader (issue 3 point 2) at a tiny size."""
+import importlib.util
 import io
-import os
 import math
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -390,6 +392,32 @@ def test_auto_attention_choice_and_self_check(monkeypatch):
     monkeypatch.setattr(T, "available_backends", lambda d: {"sdpa": True})
     with pytest.raises(SystemExit, match="ATTN_BACKEND=fa4 is not available"):
         T.pick_attention("fa4", torch.device("cpu"))
+
+
+def test_broken_fa4_install_is_reported(monkeypatch, tmp_path):
+    """flash-attn-4 installed but not importable (e.g. a CUTLASS DSL wheel without `cutlass`): auto logs why and
+    goes on without it, a named fa4 stops with the import error; FA4 not installed at all stays silent."""
+    pkg = tmp_path / "flash_attn" / "cute"
+    pkg.mkdir(parents=True)
+    (tmp_path / "flash_attn" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("import cutlass_not_installed_here\n")
+    gpu, notes, saved = torch.device("cuda"), [], {m: sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] == "flash_attn"}
+    monkeypatch.setattr(T, "FA4_IMPORT_ERROR", [])
+    try:
+        with monkeypatch.context() as mp:
+            mp.syspath_prepend(str(tmp_path))
+            assert T.pick_attention("auto", gpu, True, log=notes.append) != "fa4"
+            assert len(notes) == 1 and "installed but does not import" in notes[0] and "cutlass_not_installed_here" in notes[0]
+            with pytest.raises(SystemExit, match="flash-attn-4 import: ModuleNotFoundError"):
+                T.pick_attention("fa4", gpu, True, log=notes.append)
+    finally:
+        for m in [m for m in sys.modules if m.split(".")[0] == "flash_attn"]:
+            del sys.modules[m]
+        sys.modules.update(saved)
+    if importlib.util.find_spec("flash_attn") is None:
+        monkeypatch.setattr(T, "FA4_IMPORT_ERROR", [])
+        T.available_backends(gpu)
+        assert T.FA4_IMPORT_ERROR == []
 
 
 def test_fa4_disk_cache_on_unless_set(monkeypatch):
