@@ -465,7 +465,7 @@ def pick_attention(requested: str, device, training=True, heads=(8, 4, 64), log=
     """auto: fa3, else fa4 for training (after a self-check against SDPA), else varlen (GPU), else sdpa. fa4 serves
     evaluation and TTT only when named: its kernels under TTT's CUDA graphs have not been checked on a GPU here."""
     have = available_backends(device)
-    if FA4_IMPORT_ERROR and training and requested == "auto":
+    if FA4_IMPORT_ERROR and training and requested == "auto" and not have.get("fa3"):
         log(f"attention backend fa4 skipped: flash-attn-4 is installed but does not import ({FA4_IMPORT_ERROR[0]})")
     if requested == "auto":
         for b in ("fa3", "fa4", "varlen", "sdpa"):

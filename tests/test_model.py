@@ -410,6 +410,9 @@ def test_broken_fa4_install_is_reported(monkeypatch, tmp_path):
             assert len(notes) == 1 and "installed but does not import" in notes[0] and "cutlass_not_installed_here" in notes[0]
             with pytest.raises(SystemExit, match="flash-attn-4 import: ModuleNotFoundError"):
                 T.pick_attention("fa4", gpu, True, log=notes.append)
+            real = T.available_backends
+            mp.setattr(T, "available_backends", lambda d: {**real(d), "fa3": True})
+            assert T.pick_attention("auto", gpu, True, log=notes.append) == "fa3" and len(notes) == 1  # fa3 wins: no note
     finally:
         for m in [m for m in sys.modules if m.split(".")[0] == "flash_attn"]:
             del sys.modules[m]
