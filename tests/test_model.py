@@ -394,6 +394,13 @@ def test_auto_attention_choice_and_self_check(monkeypatch):
         T.pick_attention("fa4", torch.device("cpu"))
 
 
+def unset_fa4_cache_switch(monkeypatch):
+    """Unset FA4's cache switch so that the test's teardown restores the value from before the test (a bare delenv of
+    an unset variable would record nothing, and the value available_backends sets would outlive the test)."""
+    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "")
+    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED")
+
+
 def test_broken_fa4_install_is_reported(monkeypatch, tmp_path):
     """flash-attn-4 installed but not importable (e.g. a CUTLASS DSL wheel without `cutlass`): auto logs why and
     goes on without it, a named fa4 stops with the import error; FA4 not installed at all stays silent."""
@@ -403,6 +410,7 @@ def test_broken_fa4_install_is_reported(monkeypatch, tmp_path):
     (pkg / "__init__.py").write_text("import cutlass_not_installed_here\n")
     gpu, notes, saved = torch.device("cuda"), [], {m: sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] == "flash_attn"}
     monkeypatch.setattr(T, "FA4_IMPORT_ERROR", [])
+    unset_fa4_cache_switch(monkeypatch)  # available_backends sets it; restored after the test
     try:
         with monkeypatch.context() as mp:
             mp.syspath_prepend(str(tmp_path))
@@ -425,7 +433,7 @@ def test_broken_fa4_install_is_reported(monkeypatch, tmp_path):
 
 def test_fa4_disk_cache_on_unless_set(monkeypatch):
     """Before FA4 is imported on a GPU, its on-disk kernel cache is switched on, unless the user set the switch."""
-    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", raising=False)
+    unset_fa4_cache_switch(monkeypatch)
     T.available_backends(torch.device("cpu"))
     assert "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED" not in os.environ  # no GPU: FA4 is never imported
     T.available_backends(torch.device("cuda"))  # imports fail here without FA4 / a GPU: the switch is set first
