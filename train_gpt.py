@@ -9,7 +9,7 @@ Sections, in pipeline order:
 """
 from __future__ import annotations
 
-import ast, atexit, base64, copy, difflib, glob, io, json, lzma, math, os, platform, struct, subprocess, sys, tempfile, time, zlib
+import ast, atexit, base64, contextlib, copy, difflib, glob, io, json, lzma, math, os, platform, struct, subprocess, sys, tempfile, time, zlib
 PROCESS_START = time.perf_counter()  # start-up is counted from here, before torch is imported
 from dataclasses import dataclass
 from pathlib import Path
@@ -803,6 +803,19 @@ def eager_kernels(t, triton_needed=True):
 EAGER_KERNELS_ANYWHERE = False
 
 
+@contextlib.contextmanager
+def frozen(model):
+    """The model's parameters without gradient for the duration (eager forwards then run the kernels below: TTT,
+    GPTQ calibration), their requires_grad restored after."""
+    req = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, r in zip(model.parameters(), req):
+            p.requires_grad_(r)
+
+
 class LeakySq(torch.autograd.Function):
     """leaky_relu(u, slope)^2: one pass forward, one backward (fp32 math, rounded once)."""
 
@@ -1482,6 +1495,13 @@ class Trainer:
             compiled = self.loss_fn is not self.model or self.block_fns is not None
             rt.log(f"warm-up, looping {'on' if looping else 'off'}: {'compile + ' * compiled}{cfg.warmup_steps} steps in "
                    f"{time.perf_counter() - t:.1f}s" + compiled * f" (compile cache hits/misses {cache_counts(hits)})")
+        if cfg.eager_kernels and (cfg.quantize or cfg.ttt_mode != "off"):
+            t = time.perf_counter()  # Triton builds the eager forward kernels (GPTQ calibration, TTT) now, off the clocks
+            with frozen(self.model), torch.no_grad(), autocast(rt.device):
+                x, _, cu = next(iter(self.loader.next_step()))
+                self.model.hidden(x[None], cu, cfg.train_seq_len)
+            sync(rt.device)
+            rt.log(f"warm-up: one forward with frozen weights (builds the eager kernels) in {time.perf_counter() - t:.1f}s")
         self.model.load_state_dict(saved[0]); self.adam.load_state_dict(saved[1])
         self.muon.load_state_dict(saved[2]); self.loader.stream.restore(saved[3])
         self.model.looping = False
@@ -1803,13 +1823,29 @@ def dequantize_state(packed, spec=None):
     return out
 
 
+def gram(x):
+    """(X^T X in fp32, rows) of x (..., d). On CUDA under autocast X is what a Linear multiplies (the autocast dtype),
+    multiplied on tensor cores into fp32 (products of bf16 values are exact in fp32, as in an fp32 GEMM)."""
+    x = x.detach().reshape(-1, x.shape[-1])
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        x = x.to(torch.get_autocast_dtype("cuda"))
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(x.T, x, out_dtype=torch.float32), x.shape[0]
+        except (TypeError, RuntimeError):  # a torch without mm's out_dtype
+            pass
+    x = x.float()
+    return x.T @ x, x.shape[0]
+
+
 class HessianHook:
     """Accumulates H += X^T X (fp32) and the row count for every call of each module (depth
     recurrence adds every pass). Keys are '<module name>.weight'. `add` also serves functional
-    uses (the tied LM head: add('embed.weight', final_hidden)). Sum H and n over ranks if needed."""
+    uses (the tied LM head: add('embed.weight', final_hidden)). Modules called on the same input tensor one after
+    the other (q, k, v) share one product. Sum H and n over ranks if needed."""
 
     def __init__(self, named_modules):
-        self.H, self.n, self._handles = {}, {}, []
+        self.H, self.n, self._handles, self._last = {}, {}, [], (None, -1, None)
         for mname, m in named_modules:
             w = getattr(m, 'weight', None)
             if isinstance(w, torch.Tensor) and w.dim() == 2:
@@ -1818,12 +1854,14 @@ class HessianHook:
 
     @torch.no_grad()
     def add(self, key, x):
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if self._last[0] is not x or self._last[1] != x._version:  # (the same tensor, not written to since)
+            self._last = (x, x._version, gram(x))
+        xtx, rows = self._last[2]
         if key not in self.H:
-            self.H[key] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            self.H[key] = torch.zeros_like(xtx)
             self.n[key] = 0
-        self.H[key].addmm_(x.T, x)
-        self.n[key] += x.shape[0]
+        self.H[key] += xtx
+        self.n[key] += rows
 
     def hessians(self):
         return {k: H / max(self.n[k], 1) for k, H in self.H.items()}
@@ -1831,7 +1869,7 @@ class HessianHook:
     def remove(self):
         for h in self._handles:
             h.remove()
-        self._handles = []
+        self._handles, self._last = [], (None, -1, None)
 
 
 # ---------------------------------------------------------------------------
@@ -2098,19 +2136,20 @@ def collect_hessians(model, loader, cfg, rt, deadline):
     one batch is always taken)."""
     hook = HessianHook([(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)])
     n_done, t0 = 0, time.perf_counter()
-    try:
-        for b in range(cfg.gptq_calib_batches):
-            for x, y, cu in loader.next_step():
-                with autocast(rt.device):
-                    hook.add("embed.weight", model.hidden(x[None], cu, cfg.train_seq_len))
-            n_done += 1
-            sync(rt.device)
-            now = time.perf_counter()
-            stop = torch.tensor([float(now + (now - t0) / n_done >= deadline)], device=rt.device)
-            if float(all_reduce_(stop, dist.ReduceOp.MAX)[0]) > 0:
-                break
-    finally:
-        hook.remove()
+    with frozen(model):  # forwards only: with frozen weights the eager kernels serve them
+        try:
+            for b in range(cfg.gptq_calib_batches):
+                for x, y, cu in loader.next_step():
+                    with autocast(rt.device):
+                        hook.add("embed.weight", model.hidden(x[None], cu, cfg.train_seq_len))
+                n_done += 1
+                sync(rt.device)
+                now = time.perf_counter()
+                stop = torch.tensor([float(now + (now - t0) / n_done >= deadline)], device=rt.device)
+                if float(all_reduce_(stop, dist.ReduceOp.MAX)[0]) > 0:
+                    break
+        finally:
+            hook.remove()
     for k in sorted(hook.H):
         all_reduce_(hook.H[k])
         n = torch.tensor([float(hook.n[k])], device=rt.device)
@@ -2725,14 +2764,8 @@ class TTT:
                 self.stats["full_chunks_trained"] += 1
 
     def run(self):
-        req = [p.requires_grad for p in self.m.parameters()]
-        for p in self.m.parameters():
-            p.requires_grad_(False)
-        try:
+        with frozen(self.m):
             self.full() if self.cfg.ttt_mode == "full" else self.phased()
-        finally:
-            for p, r in zip(self.m.parameters(), req):
-                p.requires_grad_(r)
         res, dt = totals(all_reduce_(self.tot)), time.perf_counter() - self.t0
         want = (len(self.tok) - 1, int(self.sc.nbytes[1:].sum()))
         if res[2:] != want:  # C4: every target exactly once

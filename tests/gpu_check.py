@@ -113,6 +113,20 @@ refs += torch.autograd.grad(refs, l64, [g.double() for g in gs])
 for name, a, b in zip(("q", "k", "v", "dx", "dAq", "dBq", "dAk", "dBk", "dAv", "dBv"), got, refs):
     check(f"LoraLinears {name}", a, b, 1e-2)
 
+# GPTQ calibration's X^T X (gram): bf16 on tensor cores into fp32 vs fp64, about as far off as the TF32 GEMM of fp32
+# copies that it replaced (both accumulate 98,304 products in fp32 on tensor cores); a bf16 result would be ~1e-3 off.
+# An fp32 input under autocast counts as the bf16 values that the Linear multiplies.
+for D, dt in ((2048, torch.bfloat16), (512, torch.float32)):
+    x = torch.randn(98304, D, device=dev, dtype=dt) + 0.5
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        xtx, rows = T.gram(x)
+    x64 = x.bfloat16().double()
+    ref = x64.T @ x64
+    torch.backends.cuda.matmul.allow_tf32 = True
+    base = ((x64.float().T @ x64.float()).double() - ref).norm().item() / ref.norm().item()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check(f"gram {dt} D={D} ({xtx.dtype}, {rows} rows; TF32 GEMM: {base:.1e})", xtx, ref, max(2 * base, 5e-4))
+
 # attention backends: forward and gradients vs fp32 masked SDPA on packed docs (the self-check ATTN_BACKEND=auto runs)
 for b in ("fa3", "fa4", "varlen"):
     try:

@@ -106,6 +106,27 @@ def test_artifact_limit_is_enforced(tmp_path):
     assert summary["bytes_total"] == summary["artifact_bytes"] + summary["code_bytes"]
 
 
+def test_hessian_collection_runs_with_frozen_weights_and_restores_them(tiny_data):
+    """Calibration's forwards see the weights frozen (so that on a GPU the eager kernels serve them, as in TTT), and
+    every parameter's requires_grad is what it was afterwards, also after an error."""
+    cfg = T.Config(dict(RUN_PRESET="tiny", DATA_PATH=str(tiny_data), GPTQ_CALIB_BATCHES="2"))
+    rt = T.Runtime(0, 1, 0, torch.device("cpu"), True)
+    m = T.GPT(cfg)
+    m.skip_g.requires_grad_(False)
+    before = [p.requires_grad for p in m.parameters()]
+    seen = []
+    h = m.blocks[0].register_forward_hook(lambda mod, inp, out: seen.append(any(p.requires_grad for p in m.parameters())))
+    H, n = T.collect_hessians(m, T.TrainLoader(cfg, rt, 1), cfg, rt, float("inf"))
+    assert n == 2 and seen and not any(seen)
+    assert [p.requires_grad for p in m.parameters()] == before and not all(before)
+    h.remove()
+    m.blocks[0].register_forward_hook(lambda mod, inp, out: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        T.collect_hessians(m, T.TrainLoader(cfg, rt, 1), cfg, rt, float("inf"))
+    assert [p.requires_grad for p in m.parameters()] == before
+    assert not any(mod._forward_hooks for mod in m.modules() if isinstance(mod, torch.nn.Linear))  # hooks removed
+
+
 def test_hessian_collection_stops_before_the_deadline(tiny_data):
     """Calibration belongs to the training budget: no batch is started that would end past the deadline (the time of
     the batches so far predicts the next), yet at least one batch is always taken."""

@@ -300,10 +300,13 @@ def test_warmup_state_is_discarded(tiny_data):
     m = T.GPT(cfg)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     tr = T.Trainer(cfg, rt, m)
-    pos = tr.loader.stream.state()
+    pos, logs = tr.loader.stream.state(), []
+    rt.log = logs.append
     tr.warmup()
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert tr.loader.stream.state() == pos and all(mm is None for mm in tr.muon.momentum)
+    # the frozen forward that builds the eager kernels (GPTQ calibration, TTT) ran, and left the weights trainable
+    assert any("one forward with frozen weights" in line for line in logs) and all(p.requires_grad for p in m.parameters())
 
 
 def test_fused_ce_math_matches_eager():

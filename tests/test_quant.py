@@ -207,6 +207,30 @@ def test_spec_overrides():
     assert not stats['lqer'] and not any(k.endswith(('.la', '.hs')) for k in packed)
 
 
+def test_hessian_hook_shares_the_product_of_a_shared_input(monkeypatch):
+    """q, k and v see one input tensor: one X^T X serves all three, and a tensor written to in between (or another
+    tensor) gets its own product."""
+    import train_gpt
+    torch.manual_seed(0)
+    q, k, v = (torch.nn.Linear(16, n, bias=False) for n in (16, 8, 8))
+    hook = HessianHook([('q', q), ('k', k), ('v', v)])
+    calls, real = [], train_gpt.gram
+    monkeypatch.setattr(train_gpt, "gram", lambda x: calls.append(x.shape) or real(x))
+    x, x2 = torch.randn(3, 5, 16), torch.randn(4, 16)
+    with torch.no_grad():
+        q(x); k(x); v(x)
+        assert len(calls) == 1
+        X0 = x.reshape(-1, 16).clone()
+        x.mul_(2)  # written to: a new product
+        q(x)
+        q(x2); k(x2)
+    assert len(calls) == 3
+    X = x.reshape(-1, 16)
+    assert torch.allclose(hook.H['v.weight'], X0.T @ X0, atol=1e-4) and hook.n['v.weight'] == 15
+    assert torch.allclose(hook.H['k.weight'], X0.T @ X0 + x2.T @ x2, atol=1e-4) and hook.n['k.weight'] == 19
+    assert torch.allclose(hook.H['q.weight'], X0.T @ X0 + X.T @ X + x2.T @ x2, atol=1e-4) and hook.n['q.weight'] == 34
+
+
 def test_hessian_hook_accumulates_over_repeated_calls():
     torch.manual_seed(0)
     lin, other = torch.nn.Linear(16, 8, bias=False), torch.nn.Linear(8, 4)
