@@ -2314,8 +2314,9 @@ def row_batches(rows, batch_tokens):
 def eval_windows(scorer, rows, rt, batch_tokens):
     """Sum of NLL / bytes / count over rows, split across ranks; returns (val_loss, val_bpb, tokens, bytes)."""
     tot = torch.zeros(3, device=rt.device, dtype=torch.float64)
-    for chunk in row_batches(rows[rt.rank::rt.world], batch_tokens):
-        add_scores(tot, chunk, *scorer.nll(chunk))
+    with frozen(scorer.model):  # scoring only: the eager kernels serve the forwards
+        for chunk in row_batches(rows[rt.rank::rt.world], batch_tokens):
+            add_scores(tot, chunk, *scorer.nll(chunk))
     return totals(all_reduce_(tot))
 
 

@@ -107,6 +107,20 @@ def test_small_budget_shrinks_work_never_tokens(trained, capsys):
         T.run_evaluation(model_from(trained, cfg), tokens, nbytes, cfg, CPU, time.perf_counter())
 
 
+def test_scoring_windows_runs_with_frozen_weights(trained):
+    """eval_windows (pre-quant, quantized, sliding, calibrated diagnostics) scores with the weights frozen, so that on a
+    GPU the eager kernels serve it, and leaves every requires_grad as it was."""
+    tokens, nbytes = val_stream(seed=4, n_docs=6, mean_len=64)
+    cfg = tiny_cfg()
+    m = model_from(trained, cfg)
+    m.skip_w.requires_grad_(False)
+    before, seen = [p.requires_grad for p in m.parameters()], []
+    m.blocks[0].register_forward_hook(lambda mod, inp, out: seen.append(any(p.requires_grad for p in m.parameters())))
+    loss, bpb, n, nb = T.eval_windows(T.Scorer(m, tokens, nbytes, CPU.device), T.plain_rows(tokens, 128), CPU, 1024)
+    assert n == len(tokens) - 1 and seen and not any(seen)
+    assert [p.requires_grad for p in m.parameters()] == before and not all(before)
+
+
 def test_rows_score_every_target_once():
     tokens, _ = val_stream(seed=5, n_docs=30, mean_len=100)
     docs = T.doc_ranges(tokens)
