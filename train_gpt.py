@@ -1483,6 +1483,13 @@ class Trainer:
         # started only now: during the set-up above it slowed this process down (16 CPU cores)
         helper = start_compile_helper(cfg, rt)
         for looping in (True, False):
+            if not looping and cfg.eager_kernels and (cfg.quantize or cfg.ttt_mode != "off"):
+                t = time.perf_counter()  # Triton builds the eager forward kernels (GPTQ calibration, TTT) off the clocks,
+                with frozen(self.model), torch.no_grad(), autocast(rt.device):  # while the helper may still compile
+                    x, _, cu = next(iter(self.loader.next_step()))
+                    self.model.hidden(x[None], cu, cfg.train_seq_len)
+                sync(rt.device)
+                rt.log(f"warm-up: one forward with frozen weights (builds the eager kernels) in {time.perf_counter() - t:.1f}s")
             t = time.perf_counter()
             if not looping and helper is not None:  # the helper's cache entries are written: this compile loads them
                 join_compile_helper(helper, rt)
@@ -1495,13 +1502,6 @@ class Trainer:
             compiled = self.loss_fn is not self.model or self.block_fns is not None
             rt.log(f"warm-up, looping {'on' if looping else 'off'}: {'compile + ' * compiled}{cfg.warmup_steps} steps in "
                    f"{time.perf_counter() - t:.1f}s" + compiled * f" (compile cache hits/misses {cache_counts(hits)})")
-        if cfg.eager_kernels and (cfg.quantize or cfg.ttt_mode != "off"):
-            t = time.perf_counter()  # Triton builds the eager forward kernels (GPTQ calibration, TTT) now, off the clocks
-            with frozen(self.model), torch.no_grad(), autocast(rt.device):
-                x, _, cu = next(iter(self.loader.next_step()))
-                self.model.hidden(x[None], cu, cfg.train_seq_len)
-            sync(rt.device)
-            rt.log(f"warm-up: one forward with frozen weights (builds the eager kernels) in {time.perf_counter() - t:.1f}s")
         self.model.load_state_dict(saved[0]); self.adam.load_state_dict(saved[1])
         self.muon.load_state_dict(saved[2]); self.loader.stream.restore(saved[3])
         self.model.looping = False
