@@ -1484,10 +1484,12 @@ class Trainer:
         helper = start_compile_helper(cfg, rt)
         for looping in (True, False):
             if not looping and cfg.eager_kernels and (cfg.quantize or cfg.ttt_mode != "off"):
-                t = time.perf_counter()  # Triton builds the eager forward kernels (GPTQ calibration, TTT) off the clocks,
-                with frozen(self.model), torch.no_grad(), autocast(rt.device):  # while the helper may still compile
+                t, fns = time.perf_counter(), self.model.block_fns  # Triton builds the eager forward kernels (GPTQ
+                self.model.block_fns = None  # calibration, TTT) off the clocks, while the helper may still compile
+                with frozen(self.model), torch.no_grad(), autocast(rt.device):
                     x, _, cu = next(iter(self.loader.next_step()))
                     self.model.hidden(x[None], cu, cfg.train_seq_len)
+                self.model.block_fns = fns
                 sync(rt.device)
                 rt.log(f"warm-up: one forward with frozen weights (builds the eager kernels) in {time.perf_counter() - t:.1f}s")
             t = time.perf_counter()

@@ -307,6 +307,13 @@ def test_warmup_state_is_discarded(tiny_data):
     assert tr.loader.stream.state() == pos and all(mm is None for mm in tr.muon.momentum)
     # the frozen forward that builds the eager kernels (GPTQ calibration, TTT) ran, and left the weights trainable
     assert any("one forward with frozen weights" in line for line in logs) and all(p.requires_grad for p in m.parameters())
+    # COMPILE_SCOPE=blocks: training steps go through the compiled block callables, the frozen forward through the
+    # eager blocks (the kernels run outside torch.compile only), and the callables are back afterwards
+    calls = []
+    fns = [lambda *a, b=b: (calls.append(b.resid_mix.requires_grad), b(*a))[1] for b in m.blocks]
+    m.block_fns = fns
+    tr.warmup()
+    assert calls and all(calls) and m.block_fns is fns
 
 
 def test_fused_ce_math_matches_eager():
