@@ -1,13 +1,14 @@
 """Where a training step's and a TTT step's time goes, at the record configuration (device machine, not CI).
 
-    DATA_PATH=... python tests/gpu_profile.py [train] [ttt] [matmul]
+    DATA_PATH=... python tests/gpu_profile.py [train] [ttt] [matmul] [hessian]
 
 train: compiles (COMPILE_SCOPE as set), times PROFILE_STEPS steps before and after looping, then profiles one
 step of each and prints GPU time per kernel category and the top kernels. ttt: times LoRA TTT batches (TTT_CUDA_GRAPHS
 as set; the kernel table is that of the eager path when it is 0) of 1, 8 and TTT_BATCH_DOCS documents; the tables cover
 the first 3 chunk steps of the 1-document batch and the last 3 forwards (full context windows) of the largest batch,
-or each whole batch with PROFILE_TTT_FULL=1. matmul: the bf16 matmul ceiling used for MFU. PROFILE_ROWS
-sets how many kernels the tables list (25)."""
+or each whole batch with PROFILE_TTT_FULL=1. matmul: the bf16 matmul ceiling used for MFU. hessian: GPTQ calibration
+(collect_hessians) per training batch, over PROFILE_STEPS batches after one that builds the eager kernels, and the
+kernel table of one batch (not run by default). PROFILE_ROWS sets how many kernels the tables list (25)."""
 import os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
@@ -157,3 +158,18 @@ if "ttt" in what:
             gpu_table(prof, f"TTT LoRA batch of {n} docs, {ttt.plan(short)[0]} chunk steps")
             cpu = sum(e.self_cpu_time_total for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU)
             print(f"CPU self time of those steps: {cpu / 1e3:.1f} ms", flush=True)
+
+if "hessian" in what:
+    m = T.GPT(cfg).to(dev)
+    m.attn_backend, m.looping = T.pick_attention(cfg.attn_backend, dev, training=False), cfg.num_loops > 0
+    loader = T.TrainLoader(cfg, rt, T.grad_accum(cfg, rt))
+    for n in (1, STEPS):  # the first call builds the eager kernels
+        cfg.values["GPTQ_CALIB_BATCHES"] = n
+        dt = timed(lambda: T.collect_hessians(m, loader, cfg, rt, float("inf")), 1)
+        print(f"GPTQ calibration, {n} batch(es) of {cfg.train_batch_tokens:,} tokens: {dt / n:.3f} s per batch", flush=True)
+    from torch.profiler import profile, ProfilerActivity
+    cfg.values["GPTQ_CALIB_BATCHES"] = 1
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        T.collect_hessians(m, loader, cfg, rt, float("inf")); T.sync(dev)
+    gpu_table(prof, "GPTQ calibration, one batch")
+
