@@ -275,6 +275,23 @@ def setup_torch(rt):  # backend flags (the compile helper sets the same, so its 
     if rt.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    # The training graph holds SoftcapCE, an autograd.Function, and AOTAutograd's on-disk cache skips such graphs by
+    # default, so the graph the compile helper wrote was traced again (16 s instead of 7). Its key covers the traced
+    # forward and backward and the Triton kernels' source, so an edited function or kernel is not served stale.
+    import torch._functorch.config as functorch_config
+    functorch_config.autograd_cache_allow_custom_autograd_functions = True
+
+
+def fresh_kernel_side_table():
+    """torch.compile numbers the constant arguments of user Triton kernels (the fused CE) in a per-process table, and
+    the numbers are part of the AOTAutograd cache key: a graph traced after another one (the loop-off graph after the
+    looping one) never matched the entry the compile helper, a fresh process, wrote. Compiled graphs do not use the
+    table, so each warm-up compile starts from an empty one."""
+    try:
+        from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+        kernel_side_table.reset_table()
+    except (ImportError, AttributeError):  # another torch: only the cache hit is lost
+        pass
 
 
 def all_reduce_(t, op=None):
@@ -1497,6 +1514,7 @@ class Trainer:
                 join_compile_helper(helper, rt)
                 rt.log(f"warm-up: waited {time.perf_counter() - t:.1f}s for the compile helper")
             t, hits = time.perf_counter(), cache_counts()
+            fresh_kernel_side_table()
             self.model.looping = looping
             for s in range(cfg.warmup_steps):
                 self.train_step(s, 0.0)

@@ -272,12 +272,55 @@ def test_compile_helper_compiles_the_training_graph(tiny_data, monkeypatch):
     rt.log = logs.append
     tr = T.Trainer(cfg, rt, T.GPT(cfg))
     monkeypatch.setattr(T, "start_compile_helper", lambda cfg, rt: Proc())
+    monkeypatch.setattr(T, "fresh_kernel_side_table", lambda: order.append("fresh table"))
     step = tr.train_step
     tr.train_step = lambda s, f: (order.append(tr.model.looping), step(s, f))[1]
     tr.warmup()
-    assert order == [True, False] and Proc.waited and all(w == [True] for w in Proc.waited)  # helper joined in between
+    # each compile starts from an empty Triton side table, as the helper's does; the helper is joined in between
+    assert order == ["fresh table", True, "fresh table", False]
+    assert Proc.waited and all(w == ["fresh table", True] for w in Proc.waited)
     assert any("compile helper failed (exit 3)" in line and "out of memory" in line for line in logs), logs
     assert sum("warm-up, looping" in line for line in logs) == 2
+
+
+def test_training_graph_is_aot_autograd_cacheable(tiny_data, monkeypatch):
+    """The compile helper's entry for the loop-off graph loads in 3 s instead of 15 (H200, README) only when
+    AOTAutograd's on-disk cache takes the training graph, which holds the fused CE (SoftcapCE, an autograd.Function,
+    which that cache skips by default; setup_torch allows it), and when the graph's Triton side-table numbers match
+    those of the helper, a fresh process (fresh_kernel_side_table). The graph is traced on the CPU with the fused CE
+    in it and judged by AOTAutograd's own cacheability check."""
+    import torch._functorch.config as functorch_config
+    from torch._functorch._aot_autograd.autograd_cache import BypassAOTAutogradCache, check_cacheable
+    verdicts = []
+
+    def backend(gm, example):
+        try:
+            check_cacheable(gm)
+            verdicts.append("cacheable")
+        except BypassAOTAutogradCache as e:
+            verdicts.append(str(e))
+        return gm.forward
+    cfg, rt = T.Config(dict(TINY, DATA_PATH=str(tiny_data))), T.Runtime(0, 1, 0, torch.device("cpu"), True)
+    monkeypatch.setattr(T, "varlen_attention", traceable_attention)
+    m = T.GPT(cfg)
+    x = torch.randint(0, cfg.vocab_size, (257,), generator=torch.Generator().manual_seed(0)).numpy()
+    batch = T.packed_batch(x[:-1], x[1:], cfg.train_seq_len, torch.device("cpu"))
+    for allowed in (False, True):
+        monkeypatch.setattr(functorch_config, "autograd_cache_allow_custom_autograd_functions", False)  # restored after
+        if allowed:
+            T.setup_torch(rt)
+        torch._dynamo.reset()
+        try:
+            T.micro_loss(torch.compile(m, dynamic=False, backend=backend), batch, cfg, fused_ce=True)
+        finally:
+            torch._dynamo.reset()
+    assert len(verdicts) == 2 and "autograd_function_apply" in verdicts[0]  # torch's default skips this graph
+    assert verdicts[1] == "cacheable"
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    kernel_side_table.add_constant_args({"n": 3})
+    T.fresh_kernel_side_table()
+    assert kernel_side_table.add_constant_args({"n": 3}) == 0  # numbered as in a fresh process
+    T.fresh_kernel_side_table()
 
 
 def test_same_seed_same_loss_curve(tiny_data):
