@@ -279,14 +279,16 @@ def setup_torch(rt):  # backend flags (the compile helper sets the same, so its 
     # default, so the graph the compile helper wrote was traced again (16 s instead of 7). Its key covers the traced
     # forward and backward and the Triton kernels' source, so an edited function or kernel is not served stale.
     import torch._functorch.config as functorch_config
-    functorch_config.autograd_cache_allow_custom_autograd_functions = True
+    if hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):  # older torch: only slower
+        functorch_config.autograd_cache_allow_custom_autograd_functions = True
 
 
 def fresh_kernel_side_table():
     """torch.compile numbers the constant arguments of user Triton kernels (the fused CE) in a per-process table, and
     the numbers are part of the AOTAutograd cache key: a graph traced after another one (the loop-off graph after the
-    looping one) never matched the entry the compile helper, a fresh process, wrote. Compiled graphs do not use the
-    table, so each warm-up compile starts from an empty one."""
+    looping one) never matched the entry the compile helper, a fresh process, wrote. So each warm-up compile starts
+    from an empty table: only tracing and compiling read it (the backward's compile runs at the first backward), and
+    the previous setting's full step has compiled both of its graphs by then."""
     try:
         from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
         kernel_side_table.reset_table()
