@@ -1355,10 +1355,12 @@ def compile_blocks(model, backend="inductor"):
 
 
 def cache_counts(since=None):
-    """(hits, misses) of torch.compile's on-disk caches (AOTAutograd and FX graph) so far, or since an earlier count."""
+    """Graph lookups in torch.compile's on-disk caches (AOTAutograd's, then inductor's FX graph cache) by outcome, so
+    far or since an earlier count: the warm-up log shows whether a compile loaded the helper's entries."""
     c = torch._dynamo.utils.counters
-    n = [sum(v for k, v in {**c["aot_autograd"], **c["inductor"]}.items() if k.endswith(w)) for w in ("cache_hit", "cache_miss")]
-    return tuple(a - b for a, b in zip(n, since)) if since else tuple(n)
+    n = {f"{name} {w}": c[group][f"{key}_{w}"] for name, group, key in (
+        ("AOTAutograd", "aot_autograd", "autograd_cache"), ("FX graph", "inductor", "fxgraph_cache")) for w in ("hit", "miss", "bypass")}
+    return {k: v - since[k] for k, v in n.items()} if since else n
 
 
 def start_compile_helper(cfg, rt):
@@ -1515,15 +1517,16 @@ class Trainer:
             if not looping and helper is not None:  # the helper's cache entries are written: this compile loads them
                 join_compile_helper(helper, rt)
                 rt.log(f"warm-up: waited {time.perf_counter() - t:.1f}s for the compile helper")
-            t, hits = time.perf_counter(), cache_counts()
+            t, counts = time.perf_counter(), cache_counts()
             fresh_kernel_side_table()
             self.model.looping = looping
             for s in range(cfg.warmup_steps):
                 self.train_step(s, 0.0)
             sync(rt.device)
             compiled = self.loss_fn is not self.model or self.block_fns is not None
+            caches = ", ".join(f"{k} {v}" for k, v in cache_counts(counts).items() if v) or "not used"
             rt.log(f"warm-up, looping {'on' if looping else 'off'}: {'compile + ' * compiled}{cfg.warmup_steps} steps in "
-                   f"{time.perf_counter() - t:.1f}s" + compiled * f" (compile cache hits/misses {cache_counts(hits)})")
+                   f"{time.perf_counter() - t:.1f}s" + compiled * f" (compile caches: {caches})")
         self.model.load_state_dict(saved[0]); self.adam.load_state_dict(saved[1])
         self.muon.load_state_dict(saved[2]); self.loader.stream.restore(saved[3])
         self.model.looping = False

@@ -273,12 +273,21 @@ def test_compile_helper_compiles_the_training_graph(tiny_data, monkeypatch):
     tr = T.Trainer(cfg, rt, T.GPT(cfg))
     monkeypatch.setattr(T, "start_compile_helper", lambda cfg, rt: Proc())
     monkeypatch.setattr(T, "fresh_kernel_side_table", lambda: order.append("fresh table"))
-    step = tr.train_step
-    tr.train_step = lambda s, f: (order.append(tr.model.looping), step(s, f))[1]
+    step, counters = tr.train_step, torch._dynamo.utils.counters
+
+    def compiling_step(s, f):  # what the on-disk caches count: a cold looping graph, then the helper's loop-off graph
+        order.append(tr.model.looping)
+        w = "miss" if tr.model.looping else "hit"
+        counters["aot_autograd"][f"autograd_cache_{w}"] += 1
+        counters["inductor"][f"fxgraph_cache_{w}"] += 2
+        return step(s, f)
+    tr.train_step, tr.loss_fn = compiling_step, lambda *a, **k: tr.model(*a, **k)
     tr.warmup()
     # each compile starts from an empty Triton side table, as the helper's does; the helper is joined in between
     assert order == ["fresh table", True, "fresh table", False]
     assert Proc.waited and all(w == ["fresh table", True] for w in Proc.waited)
+    assert any("looping on: compile + 1 steps" in x and "(compile caches: AOTAutograd miss 1, FX graph miss 2)" in x for x in logs)
+    assert any("looping off: compile + 1 steps" in x and "(compile caches: AOTAutograd hit 1, FX graph hit 2)" in x for x in logs)
     assert any("compile helper failed (exit 3)" in line and "out of memory" in line for line in logs), logs
     assert sum("warm-up, looping" in line for line in logs) == 2
 
