@@ -181,6 +181,16 @@ def code_recorder(codes, key):
     return backend
 
 
+def aot_cache_verdict(gm):
+    """AOTAutograd's own judgement of a traced graph: "cacheable", or why its on-disk cache would skip the graph."""
+    from torch._functorch._aot_autograd.autograd_cache import BypassAOTAutogradCache, check_cacheable
+    try:
+        check_cacheable(gm)
+        return "cacheable"
+    except BypassAOTAutogradCache as e:
+        return str(e)
+
+
 def traceable_attention(q, k, v, cu, max_len, backend):
     """Stand-in for the GPU attention kernels that torch.compile traces on the CPU: a block-diagonal causal mask."""
     import torch.nn.functional as F
@@ -299,16 +309,8 @@ def test_training_graph_is_aot_autograd_cacheable(tiny_data, monkeypatch):
     those of the helper, a fresh process (fresh_kernel_side_table). The graph is traced on the CPU with the fused CE
     in it and judged by AOTAutograd's own cacheability check."""
     import torch._functorch.config as functorch_config
-    from torch._functorch._aot_autograd.autograd_cache import BypassAOTAutogradCache, check_cacheable
     verdicts = []
-
-    def backend(gm, example):
-        try:
-            check_cacheable(gm)
-            verdicts.append("cacheable")
-        except BypassAOTAutogradCache as e:
-            verdicts.append(str(e))
-        return gm.forward
+    backend = lambda gm, example: (verdicts.append(aot_cache_verdict(gm)), gm.forward)[1]
     cfg, rt = T.Config(dict(TINY, DATA_PATH=str(tiny_data))), T.Runtime(0, 1, 0, torch.device("cpu"), True)
     monkeypatch.setattr(T, "varlen_attention", traceable_attention)
     m = T.GPT(cfg)
@@ -426,15 +428,13 @@ def test_fa4_custom_op_wiring(monkeypatch):
     grads = torch.autograd.grad(out, (q, k, v), g)
     assert torch.allclose(out, ref, atol=1e-5) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, ref_grads))
     from torch._dynamo.backends.registry import lookup_backend
-    from torch._functorch._aot_autograd.autograd_cache import check_cacheable
-
-    def backend(gm, example):  # AOTAutograd's on-disk cache takes the graph (the warm-up loads the helper's from it)
-        check_cacheable(gm)
-        return lookup_backend("aot_eager")(gm, example)
+    verdicts = []  # AOTAutograd's on-disk cache takes the graph (the warm-up loads the helper's from it)
+    backend = lambda gm, example: (verdicts.append(aot_cache_verdict(gm)), lookup_backend("aot_eager")(gm, example))[1]
     f = torch.compile(lambda q, k, v: T.varlen_attention(q, k, v, cu, 16, "fa4"), fullgraph=True, backend=backend)
     out = f(q, k, v)
     grads = torch.autograd.grad(out, (q, k, v), g)
     assert torch.allclose(out, ref, atol=1e-5) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, ref_grads))
+    assert verdicts == ["cacheable"]
 
 
 def test_auto_attention_choice_and_self_check(monkeypatch):
