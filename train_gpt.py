@@ -1363,38 +1363,45 @@ def cache_counts(since=None):
     return {k: v - since[k] for k, v in n.items()} if since else n
 
 
-def start_compile_helper(cfg, rt):
-    """`python train_gpt.py compile-helper GPU` in the background during the warm-up, with this process's settings
-    and GPU: one per rank, because the inductor cache keys hold the device index."""
+def start_compile_helper(cfg, rt, attn):
+    """`python train_gpt.py compile-helper GPU ATTN` in the background, with this process's settings, GPU and training
+    attention backend ATTN (picked here, so the helper skips the self-check): one per rank, because the inductor cache
+    keys hold the device index. Started once the backend is known, so that its own set-up overlaps this one's."""
     import torch._inductor.config
     if not (cfg.compile and cfg.compile_scope == "model" and cfg.compile_helper and rt.device.type == "cuda"
-            and torch._inductor.config.fx_graph_cache):
+            and cfg.warmup_steps > 0 and torch._inductor.config.fx_graph_cache):
         return None  # without the FX graph cache it would only cost memory
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "compile-helper", str(rt.local_rank)],
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "compile-helper", str(rt.local_rank), attn],
                             stdout=log, stderr=log)
-    proc.log = log
+    proc.log, proc.t0 = log, time.perf_counter() - PROCESS_START
     atexit.register(lambda: proc.poll() is None and proc.kill())  # the run ended early: no orphan
     return proc
 
 
 def join_compile_helper(proc, rt, timeout=900):
+    """Wait for the helper; returns its own timing line (set-up, compile), or None if it failed (then this process
+    compiles the graph itself: slower start-up, same training)."""
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    if proc.returncode != 0:  # the main process compiles the graph itself: slower start-up, same training
-        proc.log.seek(0)
-        tail = proc.log.read().decode(errors="replace").strip().splitlines()[-3:]
-        rt.log(f"warning: the compile helper failed (exit {proc.returncode}): {' | '.join(tail)[-400:]}; "
+    proc.log.seek(0)
+    lines = proc.log.read().decode(errors="replace").strip().splitlines()
+    if proc.returncode != 0:
+        rt.log(f"warning: the compile helper failed (exit {proc.returncode}): {' | '.join(lines[-3:])[-400:]}; "
                f"compiling here instead (COMPILE_HELPER=0 skips the helper)")
+        return None
+    done = [x for x in lines if x.startswith("compile helper:")]
+    return f"started {proc.t0:.1f}s after process start; " + (done[-1][len("compile helper: "):] if done else "")
 
 
-def compile_helper(gpu, backend="inductor"):
+def compile_helper(gpu, attn=None, backend="inductor"):
     """The helper's work; only the compile cache it writes is used: the loop-off training graph of this
-    configuration, compiled by one forward and backward of a synthetic micro-batch of the real shapes (micro_loss,
-    as in training). Without a GPU (tests) it runs on the CPU."""
+    configuration with attention backend attn (default: ATTN_BACKEND's choice), compiled by one forward and backward
+    of a synthetic micro-batch of the real shapes (micro_loss, as in training). Without a GPU (tests) on the CPU."""
+    t0 = time.perf_counter()
     cfg = Config()
     device = torch.device("cuda", gpu) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":  # a share of the GPU: out of memory, the helper fails, never the run beside it
@@ -1404,13 +1411,16 @@ def compile_helper(gpu, backend="inductor"):
     setup_torch(rt)
     torch.manual_seed(cfg.seed)
     model = GPT(cfg).to(device)
-    model.attn_backend = pick_attention(cfg.attn_backend, device, True, attention_heads(cfg), lambda m: None)
+    model.attn_backend = pick_attention(attn or cfg.attn_backend, device, True, attention_heads(cfg), lambda m: None)
     n = cfg.train_batch_tokens // (rt.world * grad_accum(cfg, rt))
     x = torch.randint(0, cfg.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(0)).numpy()
     x[::997] = BOS_ID
+    t1 = time.perf_counter()
     micro_loss(torch.compile(model, dynamic=False, backend=backend), packed_batch(x[:-1], x[1:], cfg.train_seq_len, device),
                cfg, fused_ce_on(cfg, device)).backward()
     sync(device)
+    print(f"compile helper: set-up {t1 - PROCESS_START:.1f}s (imports included), compile + 1 step "
+          f"{time.perf_counter() - t1:.1f}s", flush=True)
 
 
 def fused_ce_on(cfg, device):
@@ -1430,8 +1440,8 @@ def grad_accum(cfg, rt):  # micro-batches per step and rank: 1, 2, 4 or 8 GPUs t
 
 
 class Trainer:
-    def __init__(self, cfg, rt, model):
-        self.cfg, self.rt, self.model = cfg, rt, model
+    def __init__(self, cfg, rt, model, helper=None):
+        self.cfg, self.rt, self.model, self.helper = cfg, rt, model, helper  # helper: start_compile_helper's process
         self.accum = grad_accum(cfg, rt)
         self.loader = TrainLoader(cfg, rt, self.accum)
         self.muon, self.adam = build_optimizers(model, cfg, rt)
@@ -1501,8 +1511,6 @@ class Trainer:
             return
         saved = (copy.deepcopy(self.model.state_dict()), copy.deepcopy(self.adam.state_dict()),
                  self.muon.state_dict(), self.loader.stream.state())
-        # started only now: during the set-up above it slowed this process down (16 CPU cores)
-        helper = start_compile_helper(cfg, rt)
         for looping in (True, False):
             if not looping and cfg.eager_kernels and (cfg.quantize or cfg.ttt_mode != "off"):
                 t, fns = time.perf_counter(), self.model.block_fns  # Triton builds the eager forward kernels (GPTQ
@@ -1514,9 +1522,9 @@ class Trainer:
                 sync(rt.device)
                 rt.log(f"warm-up: one forward with frozen weights (builds the eager kernels) in {time.perf_counter() - t:.1f}s")
             t = time.perf_counter()
-            if not looping and helper is not None:  # the helper's cache entries are written: this compile loads them
-                join_compile_helper(helper, rt)
-                rt.log(f"warm-up: waited {time.perf_counter() - t:.1f}s for the compile helper")
+            if not looping and self.helper is not None:  # the helper's cache entries are written: this compile loads them
+                info = join_compile_helper(self.helper, rt)
+                rt.log(f"warm-up: waited {time.perf_counter() - t:.1f}s for the compile helper" + (f" ({info})" if info else ""))
             t, counts = time.perf_counter(), cache_counts()
             fresh_kernel_side_table()
             self.model.looping = looping
@@ -1539,7 +1547,7 @@ class Trainer:
         self.warmup()
         sync(rt.device)
         rt.log(f"warm-up done in {time.perf_counter() - t_start:.1f}s (time to step 1 since process start: "
-               f"{time.perf_counter() - PROCESS_START:.1f}s)")
+               f"{time.perf_counter() - PROCESS_START:.1f}s, of it set-up before warm-up {t_start - PROCESS_START:.1f}s)")
         summary["startup_s"] = round(time.perf_counter() - PROCESS_START, 2)
         if cfg.ema_decay > 0:
             self.ema = [p.detach().float().clone() for p in model.parameters()]
@@ -2977,6 +2985,8 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
     summary["parameters"] = n_params
     rt.log(f"model: {n_params:,} parameters, attention backend {model.attn_backend} (evaluation and TTT: {backend})")
+    # the training backend is known: the compile helper starts now, its own set-up beside the rest of this one's
+    helper = None if cfg.eval_artifact else start_compile_helper(cfg, rt, model.attn_backend)
     val_tokens, val_bytes = load_val(cfg, rt)
     failure = None
     if cfg.eval_artifact:  # re-evaluate a saved artifact with this run's eval settings: no training
@@ -2990,7 +3000,7 @@ def main():
             path.read_bytes() if rt.master else None, cfg, rt, backend, val_tokens, val_bytes, t_eval0, loader))
         why_not = "EVAL_ARTIFACT: a re-evaluation; the submission is that of the run that wrote the artifact"
     else:
-        trainer = Trainer(cfg, rt, model)
+        trainer = Trainer(cfg, rt, model, helper)
         t_train0 = trainer.run(summary)
         model.attn_backend = backend
         deadline = t_train0 + cfg.max_wallclock_seconds if cfg.max_wallclock_seconds > 0 else float("inf")
@@ -3044,9 +3054,9 @@ def cli(argv):
     `python train_gpt.py env-table`: the README table. No arguments: train (torchrun)."""
     if argv[:1] == ["env-table"]:
         print(env_table())
-    elif argv[:1] == ["compile-helper"] and len(argv) == 2:
+    elif argv[:1] == ["compile-helper"] and len(argv) in (2, 3):
         os.nice(5)  # the run beside it comes first
-        compile_helper(int(argv[1]))
+        compile_helper(int(argv[1]), *argv[2:])
     elif argv[:1] == ["merge"] and len(argv) >= 3:
         summaries = []
         for f in argv[2:]:

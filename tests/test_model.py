@@ -256,7 +256,7 @@ def test_compile_helper_compiles_the_training_graph(tiny_data, monkeypatch):
     monkeypatch.setattr(T, "varlen_attention", traceable_attention)
     torch._dynamo.reset()
     try:
-        T.compile_helper(0, backend=recorder("helper"))
+        T.compile_helper(0, "sdpa", backend=recorder("helper"))
         cfg, rt = T.Config(), T.Runtime(0, 1, 0, torch.device("cpu"), True)
         m = T.GPT(cfg)
         tr = T.Trainer(cfg, rt, m)
@@ -280,8 +280,7 @@ def test_compile_helper_compiles_the_training_graph(tiny_data, monkeypatch):
             return self.returncode
     order, logs = [], []
     rt.log = logs.append
-    tr = T.Trainer(cfg, rt, T.GPT(cfg))
-    monkeypatch.setattr(T, "start_compile_helper", lambda cfg, rt: Proc())
+    tr = T.Trainer(cfg, rt, T.GPT(cfg), helper=Proc())  # main() starts it once the attention backend is picked
     monkeypatch.setattr(T, "fresh_kernel_side_table", lambda: order.append("fresh table"))
     step, counters = tr.train_step, torch._dynamo.utils.counters
 
@@ -300,6 +299,15 @@ def test_compile_helper_compiles_the_training_graph(tiny_data, monkeypatch):
     assert any("looping off: compile + 1 steps" in x and "(compile caches: AOTAutograd hit 1, FX graph hit 2)" in x for x in logs)
     assert any("compile helper failed (exit 3)" in line and "out of memory" in line for line in logs), logs
     assert sum("warm-up, looping" in line for line in logs) == 2
+
+    class Done(Proc):  # a helper that succeeded: its own timing line reaches the log
+        returncode, t0 = 0, 12.5
+        log = io.BytesIO(b"some warning\ncompile helper: set-up 8.0s (imports included), compile + 1 step 61.2s\n")
+    logs.clear()
+    T.Trainer(cfg, rt, T.GPT(cfg), helper=Done()).warmup()
+    assert any("waited" in x and "(started 12.5s after process start; set-up 8.0s (imports included), compile + 1 step "
+               "61.2s)" in x for x in logs), logs
+    assert T.start_compile_helper(cfg, rt, "sdpa") is None  # no GPU: no helper
 
 
 def test_training_graph_is_aot_autograd_cacheable(tiny_data, monkeypatch):
