@@ -499,6 +499,20 @@ def pick_attention(requested: str, device, training=True, heads=(8, 4, 64), log=
     return requested
 
 
+def agree_attention(choice, rt):
+    """The training backend of every rank. Each rank picks its own (fa4's self-check runs on each GPU); where the
+    picks differ, all take the one latest in auto's order (fa3, fa4, varlen, sdpa), which the others passed over."""
+    if rt.world <= 1 or not dist.is_initialized():
+        return choice
+    picks = [None] * rt.world
+    dist.all_gather_object(picks, choice)
+    agreed = max(picks, key=("fa3", "fa4", "varlen", "sdpa").index)
+    if len(set(picks)) > 1:
+        rt.log(f"warning: the ranks picked the attention backends {picks} (a self-check failed on some GPU); "
+               f"all train with {agreed}")
+    return agreed
+
+
 def attention_agrees(backend, device, heads, log):
     """Whether backend's forward and gradients on a small packed batch match fp32 masked SDPA (rel. error < 2e-2)."""
     h, kv, d = heads
@@ -2980,7 +2994,8 @@ def main():
                    triton=triton.__version__ if HAVE_TRITON else None)
     model = GPT(cfg).to(rt.device)
     heads = attention_heads(cfg)
-    model.attn_backend = summary["attention_backend"] = pick_attention(cfg.attn_backend, rt.device, True, heads, rt.log)
+    model.attn_backend = summary["attention_backend"] = agree_attention(
+        pick_attention(cfg.attn_backend, rt.device, True, heads, rt.log), rt)
     backend = summary["eval_attention_backend"] = pick_attention(cfg.attn_backend, rt.device, False, heads, rt.log)
     n_params = sum(p.numel() for p in model.parameters())
     summary["parameters"] = n_params

@@ -570,6 +570,10 @@ def _train_worker(rank, world, port, data, accum, q):
     rt = T.Runtime(rank, world, rank, torch.device("cpu"), rank == 0)
     rt.log = lambda msg: q.put((rank, msg)) if msg.startswith("step ") and " loss " in msg else None
     model = T.GPT(cfg)
+    logs, rt2 = [], T.Runtime(rank, world, rank, rt.device, True)  # picks that differ (a self-check failed on one
+    rt2.log = logs.append  # GPU): every rank trains with the later one in auto's order, and says so
+    assert T.agree_attention(["fa4", "varlen"][rank], rt2) == ("varlen" if world > 1 else "fa4")
+    assert any("picked the attention backends ['fa4', 'varlen']" in x for x in logs) == (world > 1)
     T.Trainer(cfg, rt, model).run({})
     q.put((rank, torch.cat([p.detach().flatten() for p in model.parameters()]).numpy().copy()))  # by value
     if world > 1:
