@@ -1415,7 +1415,6 @@ def compile_helper(gpu, attn=None, backend="inductor"):
     """The helper's work; only the compile cache it writes is used: the loop-off training graph of this
     configuration with attention backend attn (default: ATTN_BACKEND's choice), compiled by one forward and backward
     of a synthetic micro-batch of the real shapes (micro_loss, as in training). Without a GPU (tests) on the CPU."""
-    t0 = time.perf_counter()
     cfg = Config()
     device = torch.device("cuda", gpu) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":  # a share of the GPU: out of memory, the helper fails, never the run beside it
