@@ -1407,8 +1407,8 @@ def join_compile_helper(proc, rt, timeout=900):
         rt.log(f"warning: the compile helper failed (exit {proc.returncode}): {' | '.join(lines[-3:])[-400:]}; "
                f"compiling here instead (COMPILE_HELPER=0 skips the helper)")
         return None
-    done = [x for x in lines if x.startswith("compile helper:")]
-    return f"started {proc.t0:.1f}s after process start; " + (done[-1][len("compile helper: "):] if done else "")
+    done = [x[len("compile helper: "):] for x in lines if x.startswith("compile helper: ")]
+    return "; ".join([f"started {proc.t0:.1f}s after process start"] + done[-1:])
 
 
 def compile_helper(gpu, attn=None, backend="inductor"):
