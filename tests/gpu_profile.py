@@ -8,7 +8,9 @@ as set; the kernel table is that of the eager path when it is 0) of 1, 8 and TTT
 the first 3 chunk steps of the 1-document batch and the last 3 forwards (full context windows) of the largest batch,
 or each whole batch with PROFILE_TTT_FULL=1. matmul: the bf16 matmul ceiling used for MFU. hessian: GPTQ calibration
 (collect_hessians) per training batch, over PROFILE_STEPS batches after one that builds the eager kernels, and the
-kernel table of one batch (not run by default). PROFILE_ROWS sets how many kernels the tables list (25)."""
+kernel table of one batch (not run by default). PROFILE_ROWS sets how many kernels the tables list (25). After each
+training step's table: the GPU's idle time between kernels over two queued steps. PROFILE_COMPILE_TIMES=1 prints
+torch.compile's time per phase after the warm-up."""
 import os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
@@ -56,6 +58,28 @@ def gpu_table(prof, total_label, rows=int(os.environ.get("PROFILE_ROWS", "25")))
         print(f"{e.key[:120]:80s} {e.self_device_time_total / 1e3:8.2f} {e.count:6d}")
 
 
+def gaps(prof, label):
+    """GPU idle time between kernels (the wall time a step loses outside kernels), by gap size, and the largest gaps
+    with the kernels around them: many small gaps mean launch latency, a few large ones a host sync or a slow CPU."""
+    ks = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA)
+    if not ks:
+        return
+    idle, last, name = [], ks[0][1], ks[0][2]
+    for s, e, n in ks[1:]:
+        if s > last:
+            idle.append((s - last, name, n))
+        if e > last:
+            last, name = e, n
+    span = last - ks[0][0]
+    print(f"--- {label}: {len(ks)} kernels over {span / 1e3:.1f} ms, GPU idle {sum(g for g, *_ in idle) / 1e3:.1f} ms")
+    for lo, hi in ((0, 5), (5, 50), (50, 1000), (1000, float("inf"))):
+        sel = [g for g, *_ in idle if lo <= g < hi]
+        print(f"gaps {lo}-{hi} us: {len(sel):6d}, {sum(sel) / 1e3:8.2f} ms")
+    for g, a, b in sorted(idle, reverse=True)[:8]:
+        print(f"{g / 1e3:8.3f} ms after {a[:60]} before {b[:60]}")
+
+
 def timed(fn, n):
     T.sync(dev); t = time.perf_counter()
     for _ in range(n):
@@ -88,6 +112,8 @@ if "train" in what:
     T.sync(dev)
     print(f"compile + warm-up ({cfg.compile_scope}, {cfg.warmup_steps} steps per loop setting): "
           f"{time.perf_counter() - t0:.1f}s; backend {m.attn_backend}", flush=True)
+    if os.environ.get("PROFILE_COMPILE_TIMES") == "1":  # torch.compile's own time per phase
+        print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
     t = time.perf_counter()
     for _ in range(5):
         tr.loader.next_step()
@@ -108,6 +134,9 @@ if "train" in what:
             with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
                 tr.train_step(0, 0.5); T.sync(dev)
             gpu_table(prof, f"one training step, looping={looping}")
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:  # two steps queued as in training
+                tr.train_step(0, 0.5); tr.train_step(0, 0.5); T.sync(dev)
+            gaps(prof, f"two training steps, looping={looping}")
     del tr, m
     torch.cuda.empty_cache()
 
