@@ -535,6 +535,40 @@ def test_orthogonalize_gives_near_orthogonal():
     assert s.min() > 0.7 and s.max() < 1.3
 
 
+def test_clip_and_muon_update_follow_their_formulas(tiny_data, monkeypatch):
+    """One training step's gradient clip (global norm over Muon and AdamW grads) and Muon's weight decay and update,
+    which run as multi-tensor kernels, against the per-tensor formulas; orthogonalize stubbed to a known update."""
+    cfg = T.Config(dict(TINY, DATA_PATH=str(tiny_data), GRAD_CLIP_NORM="0.05"))
+    torch.manual_seed(0)
+    m = T.GPT(cfg)
+    tr = T.Trainer(cfg, T.Runtime(0, 1, 0, torch.device("cpu"), True), m)
+    K = {}
+    monkeypatch.setattr(T, "orthogonalize", lambda G, steps: K.setdefault(G.shape, torch.randn(G.shape)))
+    seen, shard_grads, muon_step = {}, tr.muon.shard_grads, tr.muon.step
+
+    def record_grads():
+        seen["raw"] = {p: p.grad.clone() for p in m.parameters()}
+        seen["before"] = {p: p.detach().clone() for p in m.parameters()}
+        return shard_grads()
+
+    def check_step(shards, clip):
+        raw = seen["raw"]
+        want = min(1.0, cfg.grad_clip_norm / (math.sqrt(sum(float(g.double().square().sum()) for g in raw.values())) + 1e-6))
+        assert want < 1 and abs(float(clip) - want) < 1e-5 * want  # fp32 sums
+        assert all(torch.allclose(p.grad, raw[p] * float(clip), rtol=1e-6, atol=0) for p in tr.adam_params)
+        muon_step(shards, clip)
+        lr, wd = tr.muon.lr, cfg.muon_wd
+        for ps in tr.muon.groups:
+            r, c = ps[0].shape
+            u = K[(len(ps), r, c)] * math.sqrt(max(1.0, r / c))  # one rank: no padding rows
+            for i, p in enumerate(ps):
+                assert torch.allclose(p.detach(), seen["before"][p] * (1 - lr * wd) - lr * u[i], rtol=1e-5, atol=1e-7)
+        seen["checked"] = True
+    tr.muon.shard_grads, tr.muon.step = record_grads, check_step
+    tr.train_step(0, 0.0)
+    assert seen.get("checked")
+
+
 def test_config_typo_and_bad_values():
     cfg = T.Config({"PHASED_TTT_PREFIX_DOC": "10", "MATRIX_LRR": "0.1"})
     assert any("PHASED_TTT_PREFIX_DOCS" in w for w in cfg.warnings)
