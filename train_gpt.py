@@ -1308,7 +1308,7 @@ class Muon:
                 dist.all_gather_into_tensor(full, u.contiguous())
                 u = full
             torch._foreach_mul_(ps, 1 - self.lr * self.cfg.muon_wd)  # one launch per group, not two per matrix
-            torch._foreach_add_(ps, list(u[:len(ps)].to(ps[0].dtype).unbind(0)), alpha=-self.lr)
+            torch._foreach_add_(ps, u[:len(ps)].to(ps[0].dtype).unbind(0), alpha=-self.lr)
 
     def state_dict(self):
         return {"momentum": [None if m is None else m.clone() for m in self.momentum]}
