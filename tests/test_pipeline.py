@@ -49,6 +49,29 @@ def test_end_to_end_tiny(demo_run):
     assert "final val_bpb" in r.stdout
 
 
+def test_two_ranks_end_to_end(demo_run, tmp_path):
+    """torchrun with 2 ranks (gloo), as on several GPUs: (a) the whole pipeline trains, calibrates GPTQ across ranks,
+    writes one artifact and scores every val token once; (b) the 1-rank run's artifact evaluated again by 2 ranks
+    (sharded scoring windows, TTT batches pulled from the store) gives the 1-rank numbers."""
+    work, r = demo_run
+    s1 = json.loads((work / "run" / "summary.json").read_text())
+    man = json.loads((work / "data" / "demo" / "manifest.json").read_text())
+    two = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train_gpt.py")]
+    env = dict(RUN_PRESET="tiny", DATA_PATH=str(work / "data" / "demo"), TTT_CHUNK="64", OMP_NUM_THREADS="1")
+    ra = run(two, cwd=tmp_path, env=dict(env, ARTIFACT_DIR="a", TTT_MODE="off"))
+    assert ra.returncode == 0, ra.stdout[-3000:] + ra.stderr[-3000:]
+    sa = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert sa["valid"] is True and sa["world_size"] == 2 and sa["steps"] == s1["steps"]
+    assert (tmp_path / "a" / "model.ptz").stat().st_size == sa["artifact_bytes"] and sa["bytes_total"] < 16_000_000
+    assert "GPTQ Hessians" in ra.stdout and ra.stdout.count("final val_bpb") == 1  # one rank logs
+    rb = run(two, cwd=tmp_path, env=dict(env, ARTIFACT_DIR="b", EVAL_ARTIFACT=str(work / "run" / "model.ptz")))
+    assert rb.returncode == 0, rb.stdout[-3000:] + rb.stderr[-3000:]
+    sb = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert sb["val_tokens"] == man["counts"]["val_tokens"] - 1 and sb["val_bytes"] == man["counts"]["val_bytes"]
+    assert sb["quant_val_bpb"] == pytest.approx(s1["quant_val_bpb"], abs=1e-6)  # sums in another order
+    assert sb["ttt_val_bpb"] == pytest.approx(s1["ttt_val_bpb"], abs=1e-4)  # documents batched differently
+
+
 def test_merge_seeds(demo_run, tmp_path):
     work, r = demo_run
     s = json.loads((work / "run" / "summary.json").read_text())
