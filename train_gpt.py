@@ -36,7 +36,8 @@ CONFIG = [
     ("TOKENIZER_PATH", "", "SentencePiece model; default DATA_PATH/tokenizer.model (needed only without a byte sidecar)"),
     ("SEED", 42, "random seed"),
     ("MAX_TRAIN_SHARDS", 0, "use only the first N train shards (0 = all)"),
-    ("VAL_MAX_TOKENS", 0, "diagnostics: score only the first N val tokens (0 = all; the TTT score always uses all)"),
+    ("VAL_MAX_TOKENS", 0, "diagnostics: score only the first N val tokens (0 = all; the scores of TTT, NGRAM_TILT and "
+                           "CALIBRATE always use all; without them the run then has no valid result)"),
     # model
     ("VOCAB_SIZE", 8192, "vocabulary size"),
     ("MODEL_DIM", 512, "model width"),
@@ -2860,6 +2861,9 @@ def run_evaluation(model, val_tokens, val_bytes, cfg, rt, t_eval0, train_batches
             raise SystemExit("error: CALIBRATE=1 needs training batches (train_batches_fn)")
         sc.calib, before, after = fit_calibration(model, train_batches_fn(cfg.calibrate_batches), cfg)
         rt.log(f"calibration: scale {float(sc.calib[0]):.4f}, train-token loss {before:.5f} -> {after:.5f}")
+        if before < 0.9 * res["quant_val_loss"]:
+            rt.log(f"warning: the calibration's training tokens score {before:.3f} against {res['quant_val_loss']:.3f} on "
+                   f"val: the model has trained on them (more than one epoch of data?), so the fit can make val worse")
     if cfg.ngram_tilt:
         t = time.perf_counter()
         sc.hints = NgramTilt(cfg.ngram_order, cfg.ngram_threshold).hints(sc.tokens)
@@ -2870,8 +2874,9 @@ def run_evaluation(model, val_tokens, val_bytes, cfg, rt, t_eval0, train_batches
                f"{st['tokens_per_s']:,} tok/s ({st['tokens_per_s_per_gpu']:,} per GPU); {st}")
         res.update(ttt_val_loss=loss, ttt_val_bpb=bpb, val_tokens=n, val_bytes=nb, ttt_tokens_per_s=st["tokens_per_s"],
                    ttt_tokens_per_s_per_gpu=st["tokens_per_s_per_gpu"], ttt_stats=st, eval_shrunk=st["shrunk"])
-    elif cfg.calibrate or cfg.ngram_tilt:
-        res["adjusted_val_bpb"] = windows("calibrated/tilted", plain_rows(val_tokens, cfg.train_seq_len))[0][1]
+    elif cfg.calibrate or cfg.ngram_tilt:  # without TTT the scored result: every val token, VAL_MAX_TOKENS or not
+        (loss, bpb, n, nb), _ = windows("calibrated/tilted", plain_rows(val_tokens, cfg.train_seq_len))
+        res.update(adjusted_val_loss=loss, adjusted_val_bpb=bpb, val_tokens=n, val_bytes=nb)
     res["eval_time_s"] = round(time.perf_counter() - t_eval0, 2)
     rt.log(f"eval time {res['eval_time_s']:.1f}s of the {cfg.eval_budget_seconds:.0f}s budget (from artifact load)"
            + (f"; shrunk: {res['eval_shrunk']}" if res["eval_shrunk"] else ""))
@@ -2961,8 +2966,24 @@ def evaluate_artifact(blob, cfg, rt, backend, val_tokens, val_bytes, t_eval0, lo
     load_dequantized(model, unpack_state(broadcast_bytes(blob, rt)), cfg)
     res = run_evaluation(model, val_tokens, val_bytes, cfg, rt, t_eval0,
                          lambda k: [b for _ in range(k) for b in loader.next_step()])
-    return dict(res, val_loss=res.get("ttt_val_loss") or res["quant_val_loss"],
-                val_bpb=res.get("ttt_val_bpb") or res["quant_val_bpb"])
+    key = "ttt" if res.get("ttt_val_bpb") else "adjusted" if res.get("adjusted_val_bpb") else "quant"
+    return dict(res, val_loss=res[f"{key}_val_loss"], val_bpb=res[f"{key}_val_bpb"])
+
+
+def resume_train_stream(loader, artifact, rt):
+    """CALIBRATE under EVAL_ARTIFACT: the train stream from where the run that wrote the artifact left it (its
+    summary.json beside the artifact), so the calibration fits on the tokens that run's would have, unseen in training."""
+    f = Path(artifact).parent / "summary.json"
+    try:
+        idx, pos, name = json.loads(f.read_text())["train_stream_end"]
+        ok = Path(loader.stream.files[idx]).name == name
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        ok = False
+    if not ok:
+        rt.log(f"warning: CALIBRATE with EVAL_ARTIFACT: no train_stream_end for these train shards in {f}, so the "
+               f"calibration fits on the first training batches, which the model trained on")
+        return
+    loader.stream.restore((idx, pos))
 
 
 def main():
@@ -3008,6 +3029,8 @@ def main():
             raise SystemExit(f"error: EVAL_ARTIFACT={cfg.eval_artifact}: no such file; give the model.ptz a run wrote")
         t_eval0 = time.perf_counter()
         loader = TrainLoader(cfg, rt, grad_accum(cfg, rt)) if cfg.calibrate else None
+        if loader is not None:
+            resume_train_stream(loader, path, rt)
         del model
         summary.update(eval_artifact=str(path), artifact_bytes=path.stat().st_size, **evaluate_artifact(
             path.read_bytes() if rt.master else None, cfg, rt, backend, val_tokens, val_bytes, t_eval0, loader))
@@ -3027,6 +3050,8 @@ def main():
             rt.log(f"GPTQ Hessians: {n_cal} batches in {summary['hessian_s']}s")
         summary["train_wallclock_s"] = round(time.perf_counter() - t_train0, 2)
         rt.log(f"training wallclock incl. calibration: {summary['train_wallclock_s']}s")
+        idx, pos = trainer.loader.stream.state()  # where CALIBRATE continues (also under EVAL_ARTIFACT)
+        summary["train_stream_end"] = [idx, pos, Path(trainer.loader.stream.files[idx]).name]
         loss, bpb, n, nb = eval_windows(Scorer(model, val_tokens, val_bytes, rt.device),
                                         plain_rows(val_tokens, cfg.train_seq_len, cfg.val_max_tokens), rt, micro)
         summary.update(pre_quant_val_bpb=bpb, pre_quant_val_loss=loss, val_loss=loss, val_bpb=bpb, val_tokens=n, val_bytes=nb)
@@ -3038,6 +3063,9 @@ def main():
             blob = (out_dir / "model.ptz").read_bytes() if rt.master else None
             summary.update(evaluate_artifact(blob, cfg, rt, backend, val_tokens, val_bytes, t_eval0, trainer.loader))
         why_not = failure or (None if cfg.quantize else "QUANTIZE=0: pre-quant diagnostic, no artifact")
+        if why_not is None and summary["val_tokens"] < len(val_tokens) - 1:  # C4: a result scores every val token
+            why_not = (f"VAL_MAX_TOKENS={cfg.val_max_tokens}: the result scores {summary['val_tokens']:,} of the "
+                       f"{len(val_tokens) - 1:,} val tokens (with TTT, NGRAM_TILT or CALIBRATE it scores all)")
     summary["valid"] = why_not is None
     if rt.master:
         write_json(out_dir / "summary.json", summary)

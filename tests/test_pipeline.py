@@ -51,17 +51,19 @@ def test_end_to_end_tiny(demo_run):
 
 def test_two_ranks_end_to_end(demo_run, tmp_path):
     """torchrun with 2 ranks (gloo), as on several GPUs: (a) the whole pipeline trains, calibrates GPTQ across ranks,
-    writes one artifact and scores every val token once; (b) the 1-rank run's artifact evaluated again by 2 ranks
-    (sharded scoring windows, TTT batches pulled from the store) gives the 1-rank numbers."""
+    writes one artifact and scores every val token once (without TTT: the n-gram tilted score is the result); (b) the
+    1-rank run's artifact evaluated again by 2 ranks (sharded scoring windows, TTT batches pulled from the store)
+    gives the 1-rank numbers."""
     work, r = demo_run
     s1 = json.loads((work / "run" / "summary.json").read_text())
     man = json.loads((work / "data" / "demo" / "manifest.json").read_text())
     two = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train_gpt.py")]
     env = dict(RUN_PRESET="tiny", DATA_PATH=str(work / "data" / "demo"), TTT_CHUNK="64", OMP_NUM_THREADS="1")
-    ra = run(two, cwd=tmp_path, env=dict(env, ARTIFACT_DIR="a", TTT_MODE="off"))
+    ra = run(two, cwd=tmp_path, env=dict(env, ARTIFACT_DIR="a", TTT_MODE="off", NGRAM_TILT="1"))
     assert ra.returncode == 0, ra.stdout[-3000:] + ra.stderr[-3000:]
     sa = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert sa["valid"] is True and sa["world_size"] == 2 and sa["steps"] == s1["steps"]
+    assert sa["val_bpb"] == sa["adjusted_val_bpb"] and sa["val_tokens"] == man["counts"]["val_tokens"] - 1
     assert (tmp_path / "a" / "model.ptz").stat().st_size == sa["artifact_bytes"] and sa["bytes_total"] < 16_000_000
     assert "GPTQ Hessians" in ra.stdout and ra.stdout.count("final val_bpb") == 1  # one rank logs
     rb = run(two, cwd=tmp_path, env=dict(env, ARTIFACT_DIR="b", EVAL_ARTIFACT=str(work / "run" / "model.ptz")))
@@ -70,6 +72,38 @@ def test_two_ranks_end_to_end(demo_run, tmp_path):
     assert sb["val_tokens"] == man["counts"]["val_tokens"] - 1 and sb["val_bytes"] == man["counts"]["val_bytes"]
     assert sb["quant_val_bpb"] == pytest.approx(s1["quant_val_bpb"], abs=1e-6)  # sums in another order
     assert sb["ttt_val_bpb"] == pytest.approx(s1["ttt_val_bpb"], abs=1e-4)  # documents batched differently
+
+
+def test_partial_val_is_not_a_result(demo_run, tmp_path):
+    """Without TTT, n-gram tilt or calibration the result is the quantized score, and VAL_MAX_TOKENS (the tiny preset:
+    8,192) cuts it to part of the val tokens: the run says so, and writes no submission."""
+    work, _ = demo_run
+    r = run([str(ROOT / "train_gpt.py")], cwd=tmp_path, env=dict(RUN_PRESET="tiny", DATA_PATH=str(work / "data" / "demo"),
+                                                                  ARTIFACT_DIR="p", TTT_MODE="off"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert s["valid"] is False and s["val_tokens"] == 8192 and not (tmp_path / "p" / "submission.json").exists()
+    assert "no valid result (VAL_MAX_TOKENS=8192: the result scores 8,192 of the" in r.stdout
+
+
+def test_calibration_under_eval_artifact_continues_the_train_stream(demo_run, tmp_path):
+    """CALIBRATE with EVAL_ARTIFACT fits on the train tokens after those the original run read (train_stream_end in
+    its summary.json), never the first batches it trained on; without that summary it warns."""
+    import train_gpt as T
+    work, _ = demo_run
+    s = json.loads((work / "run" / "summary.json").read_text())
+    idx, pos, name = s["train_stream_end"]
+    assert pos > 0 and name.startswith("fineweb_train_")
+    cfg = T.Config(dict(RUN_PRESET="tiny", DATA_PATH=str(work / "data" / "demo")))
+    logs = []
+    rt = T.Runtime(0, 1, 0, T.torch.device("cpu"), True)
+    rt.log = lambda m, console=True: logs.append(m)
+    loader = T.TrainLoader(cfg, rt, 1)
+    T.resume_train_stream(loader, work / "run" / "model.ptz", rt)
+    assert loader.stream.state() == (idx, pos) and not logs
+    loader = T.TrainLoader(cfg, rt, 1)
+    T.resume_train_stream(loader, tmp_path / "model.ptz", rt)  # no summary.json there
+    assert loader.stream.state() == (0, 0) and "first training batches" in logs[0]
 
 
 def test_merge_seeds(demo_run, tmp_path):
