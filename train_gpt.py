@@ -3109,6 +3109,19 @@ def cli(argv):
                 raise SystemExit(f"error: {f} has no val_bpb (the run did not finish)")
             if summaries[-1].get("valid") is False:
                 raise SystemExit(f"error: {f} is not a valid result (artifact over the limit or QUANTIZE=0)")
+        free = {"SEED", "RUN_ID", "ARTIFACT_DIR", "DATA_PATH", "TOKENIZER_PATH", "SUBMISSION_NAME", "SUBMISSION_AUTHOR",
+                "SUBMISSION_GITHUB_ID"}  # the settings a submission's seeds may differ in
+        a = dict(summaries[0].get("config") or {}, world_size=summaries[0].get("world_size"))
+        for f, s in zip(argv[3:], summaries[1:]):
+            b = dict(s.get("config") or {}, world_size=s.get("world_size"))
+            diff = [f"{k} ({a.get(k)!r} against {b.get(k)!r})" for k in sorted((a.keys() | b.keys()) - free)
+                    if a.get(k) != b.get(k)]
+            if diff:
+                raise SystemExit(f"error: {f} differs from {argv[2]} in {', '.join(diff[:4])}: the seeds of one "
+                                 f"submission share every setting but SEED (and the paths)")
+        seeds = [s.get("seed") for s in summaries]
+        if len(set(seeds)) < len(seeds):
+            raise SystemExit(f"error: the summaries repeat a seed ({seeds}): give each run once")
         write_json(Path(argv[1]), submission_record(summaries, Config()))
         print(f"wrote {argv[1]}: val_bpb mean over {len(summaries)} seeds")
     else:

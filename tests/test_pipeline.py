@@ -124,6 +124,12 @@ def test_merge_seeds(demo_run, tmp_path):
     bad.write_text(json.dumps(dict(s, valid=False)))
     r3 = run([str(ROOT / "train_gpt.py"), "merge", str(out), str(bad)], cwd=tmp_path)
     assert r3.returncode != 0 and "not a valid result" in r3.stderr
+    other = tmp_path / "other.json"  # another setting: not a seed of the same submission
+    other.write_text(json.dumps(dict(s, seed=4, config=dict(s["config"], MATRIX_LR=0.03, RUN_ID="x"))))
+    r4 = run([str(ROOT / "train_gpt.py"), "merge", str(out), files[0], str(other)], cwd=tmp_path)
+    assert r4.returncode != 0 and "differs from" in r4.stderr and "MATRIX_LR" in r4.stderr and "RUN_ID" not in r4.stderr
+    r5 = run([str(ROOT / "train_gpt.py"), "merge", str(out), files[0], files[0]], cwd=tmp_path)
+    assert r5.returncode != 0 and "repeat a seed" in r5.stderr
 
 
 def test_cpu_refuses_record_config(tmp_path):
