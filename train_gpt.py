@@ -434,6 +434,10 @@ def token_bytes_from_tokenizer(cfg, tokens):
         raise SystemExit(f"error: no byte sidecar in {cfg.data_path} and no tokenizer at {path}; set TOKENIZER_PATH")
     sp = spm.SentencePieceProcessor(model_file=path)
     n = sp.get_piece_size()
+    if any(0xE001 <= ord(c) <= 0xE004 for i in range(n) for c in sp.id_to_piece(i)):  # the CaseOps operators
+        raise SystemExit(f"error: no byte sidecar in {cfg.data_path}, and {path} is a CaseOps tokenizer: its pieces do not "
+                         f"give the original text's bytes; rebuild the data with prepare_caseops_data.py (it writes "
+                         f"fineweb_val_bytes_*.bin)")
     base, space, boundary = np.zeros(n, np.int64), np.zeros(n, bool), np.zeros(n, bool)
     for i in range(n):
         piece = sp.id_to_piece(i)

@@ -106,6 +106,21 @@ def test_calibration_under_eval_artifact_continues_the_train_stream(demo_run, tm
     assert loader.stream.state() == (0, 0) and "first training batches" in logs[0]
 
 
+def test_caseops_val_without_sidecar_is_refused(demo_run, tmp_path):
+    """Without the byte sidecar the bytes come from the tokenizer's pieces, which for CaseOps data hold the operators
+    (3 UTF-8 bytes each) instead of the original text: the run refuses rather than print a bpb over the wrong bytes."""
+    import shutil
+    import train_gpt as T
+    work, _ = demo_run
+    d = tmp_path / "nosidecar"
+    d.mkdir()
+    for f in ("fineweb_val_000000.bin", "tokenizer.model"):
+        shutil.copy(work / "data" / "demo" / f, d / f)
+    rt = T.Runtime(0, 1, 0, T.torch.device("cpu"), True)
+    with pytest.raises(SystemExit, match="is a CaseOps tokenizer"):
+        T.load_val(T.Config(dict(RUN_PRESET="tiny", DATA_PATH=str(d))), rt)
+
+
 def test_merge_seeds(demo_run, tmp_path):
     work, r = demo_run
     s = json.loads((work / "run" / "summary.json").read_text())

@@ -256,6 +256,18 @@ def test_plain_mode_writes_sidecar(tmp_path, docs_file):
     assert split_docs(val)[0].tolist() == sp.encode(nonempty(corpus())[0])
     assert man["settings"]["transform"] == "none"
     assert prep.verify_dataset(out, docs=docs_file, workers=1, quiet=True) == []
+    # without a sidecar train_gpt.py counts SPEC 1.4's bytes from the pieces: UTF-8 length, a leading '▁' one space
+    # unless after BOS, byte pieces 1. Equal to the original bytes where the normalizer changed nothing (one space).
+    import train_gpt as T
+    word = next(i for i in range(sp.get_piece_size()) if sp.id_to_piece(i).startswith("\u2581") and len(sp.id_to_piece(i)) > 2)
+    byte = next(i for i in range(sp.get_piece_size()) if sp.is_byte(i))
+    ids = np.array([1, word, word, byte, 1, word])
+    n = len(sp.id_to_piece(word).encode()) - 3  # '▁' is 3 UTF-8 bytes
+    cfg = T.Config(dict(RUN_PRESET="tiny", DATA_PATH=str(out)))
+    assert T.token_bytes_from_tokenizer(cfg, ids).tolist() == [0, n, n + 1, 1, 0, n]
+    text = "the cat sat on the mat"
+    toks = np.array([1] + sp.encode(text))
+    assert int(T.token_bytes_from_tokenizer(cfg, toks).sum()) == len(text.encode())
 
 
 def test_max_train_shards(tmp_path, docs_file, tok_model, built):
