@@ -3000,6 +3000,9 @@ def main():
         raise SystemExit(f"error: WORLD_SIZE={rt.world}: use 1, 2, 4 or 8 GPUs, or set GRAD_ACCUM_STEPS")
     run_id = cfg.run_id or time.strftime("%Y%m%d_%H%M%S")
     out_dir = Path(cfg.artifact_dir or os.path.join("runs", run_id))
+    if cfg.eval_artifact and out_dir.resolve() == Path(cfg.eval_artifact).resolve().parent:
+        raise SystemExit(f"error: EVAL_ARTIFACT={cfg.eval_artifact} lies in this run's folder {out_dir}, whose log.txt and "
+                         f"summary.json it would overwrite; set another RUN_ID or ARTIFACT_DIR")
     if rt.master:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "log.txt").write_text("")

@@ -176,3 +176,7 @@ def test_eval_artifact_reevaluates_without_training(demo_run, tmp_path):
     assert r3.returncode != 0 and "does not match this model configuration" in r3.stderr
     r4 = run([str(ROOT / "train_gpt.py")], cwd=work, env=dict(env, EVAL_ARTIFACT=str(tmp_path / "none.ptz")))
     assert r4.returncode != 0 and "EVAL_ARTIFACT" in r4.stderr and "no such file" in r4.stderr
+    before = [(work / "run" / f).read_bytes() for f in ("summary.json", "log.txt")]
+    r5 = run([str(ROOT / "train_gpt.py")], cwd=work, env=dict(env, ARTIFACT_DIR=str(work / "run")))  # its own folder
+    assert r5.returncode != 0 and "would overwrite" in r5.stderr
+    assert [(work / "run" / f).read_bytes() for f in ("summary.json", "log.txt")] == before
