@@ -2976,7 +2976,8 @@ def evaluate_artifact(blob, cfg, rt, backend, val_tokens, val_bytes, t_eval0, lo
 
 def resume_train_stream(loader, artifact, rt):
     """CALIBRATE under EVAL_ARTIFACT: the train stream from where the run that wrote the artifact left it (its
-    summary.json beside the artifact), so the calibration fits on the tokens that run's would have, unseen in training."""
+    summary.json beside the artifact), so that the calibration fits on the tokens that run's own calibration read,
+    which its training never saw."""
     f = Path(artifact).parent / "summary.json"
     try:
         idx, pos, name = json.loads(f.read_text())["train_stream_end"]
