@@ -2843,7 +2843,8 @@ def ttt_eval(model, scorer, val_tokens, cfg, rt, budget_deadline, score_rate=Non
 
 def run_evaluation(model, val_tokens, val_bytes, cfg, rt, t_eval0, train_batches_fn=None):
     """Everything after the artifact is loaded (the timer started at t_eval0): plain (and sliding) diagnostics,
-    calibration, n-gram hints, then the scored TTT result; exits non-zero past EVAL_BUDGET_SECONDS."""
+    calibration, n-gram hints, then the scored result (val_loss / val_bpb: TTT's, else the calibrated / tilted
+    windows', else the quantized windows'); exits non-zero past EVAL_BUDGET_SECONDS."""
     model.looping = cfg.num_loops > 0
     sc = Scorer(model, val_tokens, val_bytes, rt.device, fused_ce_on(cfg, rt.device),
                 boost=cfg.ngram_boost)
@@ -2856,7 +2857,7 @@ def run_evaluation(model, val_tokens, val_bytes, cfg, rt, t_eval0, train_batches
                f"{time.perf_counter() - t:.1f}s")
         return out, (time.perf_counter() - t) * rt.world / max(out[2], 1)
     (loss, bpb, n, nb), score_rate = windows("quantized", plain_rows(val_tokens, cfg.train_seq_len, cfg.val_max_tokens))
-    res.update(quant_val_loss=loss, quant_val_bpb=bpb, val_tokens=n, val_bytes=nb)
+    res.update(quant_val_loss=loss, quant_val_bpb=bpb, val_loss=loss, val_bpb=bpb, val_tokens=n, val_bytes=nb)
     if cfg.sliding_eval:
         rows = sliding_rows(val_tokens, cfg.train_seq_len, cfg.eval_stride, cfg.val_max_tokens)
         res["sliding_val_bpb"] = windows(f"sliding (stride {cfg.eval_stride})", rows)[0][1]
@@ -2876,11 +2877,12 @@ def run_evaluation(model, val_tokens, val_bytes, cfg, rt, t_eval0, train_batches
         (loss, bpb, n, nb), st = ttt_eval(model, sc, val_tokens, cfg, rt, t_eval0 + cfg.eval_budget_seconds, score_rate)
         rt.log(f"ttt ({cfg.ttt_mode}) val_loss {loss:.5f} val_bpb {bpb:.5f} ({n:,} tokens, {nb:,} bytes) {st['seconds']:.1f}s, "
                f"{st['tokens_per_s']:,} tok/s ({st['tokens_per_s_per_gpu']:,} per GPU); {st}")
-        res.update(ttt_val_loss=loss, ttt_val_bpb=bpb, val_tokens=n, val_bytes=nb, ttt_tokens_per_s=st["tokens_per_s"],
-                   ttt_tokens_per_s_per_gpu=st["tokens_per_s_per_gpu"], ttt_stats=st, eval_shrunk=st["shrunk"])
+        res.update(ttt_val_loss=loss, ttt_val_bpb=bpb, val_loss=loss, val_bpb=bpb, val_tokens=n, val_bytes=nb,
+                   ttt_tokens_per_s=st["tokens_per_s"], ttt_tokens_per_s_per_gpu=st["tokens_per_s_per_gpu"],
+                   ttt_stats=st, eval_shrunk=st["shrunk"])
     elif cfg.calibrate or cfg.ngram_tilt:  # without TTT the scored result: every val token, VAL_MAX_TOKENS or not
         (loss, bpb, n, nb), _ = windows("calibrated/tilted", plain_rows(val_tokens, cfg.train_seq_len))
-        res.update(adjusted_val_loss=loss, adjusted_val_bpb=bpb, val_tokens=n, val_bytes=nb)
+        res.update(adjusted_val_loss=loss, adjusted_val_bpb=bpb, val_loss=loss, val_bpb=bpb, val_tokens=n, val_bytes=nb)
     res["eval_time_s"] = round(time.perf_counter() - t_eval0, 2)
     rt.log(f"eval time {res['eval_time_s']:.1f}s of the {cfg.eval_budget_seconds:.0f}s budget (from artifact load)"
            + (f"; shrunk: {res['eval_shrunk']}" if res["eval_shrunk"] else ""))
@@ -2968,10 +2970,8 @@ def evaluate_artifact(blob, cfg, rt, backend, val_tokens, val_bytes, t_eval0, lo
     model = GPT(cfg).to(rt.device)
     model.attn_backend, model.looping = backend, cfg.num_loops > 0
     load_dequantized(model, unpack_state(broadcast_bytes(blob, rt)), cfg)
-    res = run_evaluation(model, val_tokens, val_bytes, cfg, rt, t_eval0,
-                         lambda k: [b for _ in range(k) for b in loader.next_step()])
-    key = "ttt" if res.get("ttt_val_bpb") else "adjusted" if res.get("adjusted_val_bpb") else "quant"
-    return dict(res, val_loss=res[f"{key}_val_loss"], val_bpb=res[f"{key}_val_bpb"])
+    return run_evaluation(model, val_tokens, val_bytes, cfg, rt, t_eval0,
+                          lambda k: [b for _ in range(k) for b in loader.next_step()])
 
 
 def resume_train_stream(loader, artifact, rt):
