@@ -2941,11 +2941,25 @@ def build_artifact(model, hessians, cfg, rt, out_dir, summary):
     return None
 
 
+def track_notes(s):
+    """Why a training run's result is not one of the 10-minute / 16 MB track (none: it is): the track trains and
+    evaluates on 8xH100 SXM, at most 600 s each (the byte limit makes a result invalid: build_artifact)."""
+    gpu, notes = s.get("gpu") or "", []
+    if s.get("world_size") != 8 or "H100" not in gpu or "PCIe" in gpu or "NVL" in gpu:
+        notes.append(f"{s.get('world_size')}x {gpu}: the track runs on 8xH100 SXM")
+    for what, key in (("training", "train_wallclock_s"), ("evaluation", "eval_time_s")):
+        if (s.get(key) or 0) > 600:
+            notes.append(f"{what} took {s[key]:.1f}s > 600s")
+    return notes
+
+
 def submission_record(summaries, cfg):
-    """submission.json in the shape of the challenge's records; several seeds -> mean and std."""
+    """submission.json in the shape of the challenge's records; several seeds -> mean and std; track: 10min_16mb
+    when every seed's run qualifies, else non_record_16mb with the reasons."""
     bpbs = [s["val_bpb"] for s in summaries]
     s0 = summaries[0]
     mean = float(np.mean(bpbs))
+    notes = list(dict.fromkeys(n for s in summaries for n in track_notes(s)))
     return dict(name=cfg.submission_name or "parameter-golf-kit", author=cfg.submission_author, github_id=cfg.submission_github_id,
                 val_bpb=round(mean, 6), val_bpb_std=round(float(np.std(bpbs, ddof=1)), 6) if len(bpbs) > 1 else None,
                 val_loss=round(float(np.mean([s["val_loss"] for s in summaries])), 6),
@@ -2953,7 +2967,8 @@ def submission_record(summaries, cfg):
                 seeds=[dict(seed=s["seed"], val_bpb=s["val_bpb"], val_loss=s["val_loss"], bytes_total=s.get("bytes_total"),
                             steps=s.get("steps"), train_wallclock_s=s.get("train_wallclock_s"),
                             eval_time_s=s.get("eval_time_s")) for s in summaries],
-                hardware=f"{s0['world_size']}x {s0.get('gpu')}",
+                hardware=f"{s0['world_size']}x {s0.get('gpu')}", track="non_record_16mb" if notes else "10min_16mb",
+                track_notes=notes,
                 software=dict(torch=s0.get("torch"), triton=s0.get("triton"), python=s0.get("python") or platform.python_version()),
                 date=time.strftime("%Y-%m-%d"))
 
@@ -3074,7 +3089,7 @@ def main():
         if why_not is None and summary["val_tokens"] < len(val_tokens) - 1:  # C4: a result scores every val token
             why_not = (f"VAL_MAX_TOKENS={cfg.val_max_tokens}: the result scores {summary['val_tokens']:,} of the "
                        f"{len(val_tokens) - 1:,} val tokens (with TTT, NGRAM_TILT or CALIBRATE it scores all)")
-    summary["valid"] = why_not is None
+    summary["valid"], summary["not_valid_because"] = why_not is None, why_not
     if rt.master:
         write_json(out_dir / "summary.json", summary)
         if why_not is None:
@@ -3082,6 +3097,9 @@ def main():
     if why_not is None:
         rt.log(f"final val_bpb {summary['val_bpb']:.5f} (val_loss {summary['val_loss']:.5f}); "
                f"summary: {out_dir / 'summary.json'}, submission: {out_dir / 'submission.json'}")
+        if track_notes(summary):
+            rt.log(f"not a 10-minute-track result ({'; '.join(track_notes(summary))}): submission.json says "
+                   f"track non_record_16mb")
     else:
         rt.log(f"no valid result ({why_not}); val_bpb {summary['val_bpb']:.5f} is for diagnosis only; "
                f"summary: {out_dir / 'summary.json'}")
@@ -3116,7 +3134,7 @@ def cli(argv):
             if summaries[-1].get("val_bpb") is None:
                 raise SystemExit(f"error: {f} has no val_bpb (the run did not finish)")
             if summaries[-1].get("valid") is False:
-                raise SystemExit(f"error: {f} is not a valid result (artifact over the limit or QUANTIZE=0)")
+                raise SystemExit(f"error: {f} is not a valid result ({summaries[-1].get('not_valid_because') or 'see its log'})")
         free = {"SEED", "RUN_ID", "ARTIFACT_DIR", "DATA_PATH", "TOKENIZER_PATH", "SUBMISSION_NAME", "SUBMISSION_AUTHOR",
                 "SUBMISSION_GITHUB_ID"}  # the settings a submission's seeds may differ in
         a = dict(summaries[0].get("config") or {}, world_size=summaries[0].get("world_size"))
