@@ -2821,12 +2821,14 @@ class TTT:
         want = (len(self.tok) - 1, int(self.sc.nbytes[1:].sum()))
         if res[2:] != want:  # C4: every target exactly once
             raise SystemExit(f"error: TTT scored {res[2]:,} tokens / {res[3]:,} bytes, expected {want[0]:,} / {want[1]:,}")
-        if len(self.adapt_log) >= 3:  # where LoRA time goes (rank 0): seconds per chunk step and per 1k padded tokens
-            a, coef = np.array(self.adapt_log, dtype=np.float64), self.cost_fit()
-            self.stats.update(lora_s_per_step=round(float(coef[0]), 5), lora_s_per_ktok=round(float(coef[1]) * 1e3, 5),
-                              lora_steps=int(a[:, 0].sum()), lora_padded_tokens=int(a[:, 1].sum()), lora_s=round(float(a[:, 2].sum()), 2))
-        counts = all_reduce_(torch.tensor([self.stats["adapted_docs"], self.stats["score_only_docs"]], device=self.rt.device))
-        self.stats.update(adapted_docs=int(counts[0]), score_only_docs=int(counts[1]), seconds=round(dt, 2),
+        if len(self.adapt_log) >= 3:  # where LoRA time goes (rank 0's fit): seconds per chunk step and per 1k padded tokens
+            coef = self.cost_fit()
+            self.stats.update(lora_s_per_step=round(float(coef[0]), 5), lora_s_per_ktok=round(float(coef[1]) * 1e3, 5))
+        a = np.array(self.adapt_log, dtype=np.float64).reshape(-1, 4)[:, :3].sum(0).tolist()  # summed over the ranks:
+        counts = all_reduce_(torch.tensor([self.stats["adapted_docs"], self.stats["score_only_docs"], *a],  # docs, LoRA
+                                          dtype=torch.float64, device=self.rt.device)).tolist()  # steps, tokens, seconds
+        self.stats.update(adapted_docs=int(counts[0]), score_only_docs=int(counts[1]), lora_steps=int(counts[2]),
+                          lora_padded_tokens=int(counts[3]), lora_s=round(counts[4], 2), seconds=round(dt, 2),
                           tokens_per_s=round(res[2] / dt), tokens_per_s_per_gpu=round(res[2] / dt / self.rt.world),
                           shrunk=self.shrunk + (["some ranks stopped LoRA updates"] if counts[1] and not self.shrunk else []))
         return res, self.stats

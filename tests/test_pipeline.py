@@ -79,7 +79,9 @@ def test_ranks_end_to_end(demo_run, tmp_path, world):
     assert rb.returncode == 0, rb.stdout[-3000:] + rb.stderr[-3000:]
     sb = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert sb["val_tokens"] == man["counts"]["val_tokens"] - 1 and sb["val_bytes"] == man["counts"]["val_bytes"]
-    assert sb["eval_shrunk"] == [] == s1["eval_shrunk"] and sb["ttt_stats"]["adapted_docs"] == s1["ttt_stats"]["adapted_docs"]
+    assert sb["eval_shrunk"] == [] == s1["eval_shrunk"]
+    for k in ("adapted_docs", "lora_steps", "lora_padded_tokens"):  # the same batches, spread over the ranks
+        assert sb["ttt_stats"][k] == s1["ttt_stats"][k], k
     assert sb["quant_val_bpb"] == pytest.approx(s1["quant_val_bpb"], abs=1e-6)  # sums in another order
     assert sb["ttt_val_bpb"] == pytest.approx(s1["ttt_val_bpb"], abs=1e-4)  # phase SGD split over ranks (6e-6 seen)
 
