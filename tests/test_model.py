@@ -3,6 +3,7 @@ import importlib.util
 import io
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -589,6 +590,28 @@ def test_config_typo_and_bad_values():
     with pytest.raises(SystemExit, match="RUN_PRESET"):
         T.Config({"RUN_PRESET": "huge"})
     assert T.Config({"RUN_PRESET": "tiny", "MODEL_DIM": "32"}).model_dim == 32
+
+
+def test_config_out_of_range_is_refused():
+    """Values that crashed deep in the run (NUM_LOOPS=-1, TTT_CHUNK=0, MLP_MULT=0, odd ROPE_DIMS), that TTT's
+    every-token check refused only at the end (TTT_CHUNK > TTT_CONTEXT), or that ran as something else (ITERATIONS=0
+    trained nothing; MUON_NS_STEPS=6 ran 5 steps; EMA_DECAY=1.5) stop at start-up with the setting and the rule."""
+    for preset in ("", "tiny", "demo"):  # the defaults and presets are in range
+        T.Config({"RUN_PRESET": preset})
+    for env, msg in ((dict(NUM_LOOPS="-1"), "NUM_LOOPS=-1 is out of range; use NUM_LOOPS >= 0"),
+                     (dict(TTT_CHUNK="0"), "TTT_CHUNK=0 is out of range; use TTT_CHUNK >= 1"),
+                     (dict(MLP_MULT="0"), "MLP_MULT=0 is out of range"),
+                     (dict(ITERATIONS="0"), "ITERATIONS=0 is out of range"),
+                     (dict(MUON_NS_STEPS="6"), "use 1 <= MUON_NS_STEPS <= 5"),
+                     (dict(EMA_DECAY="1.5"), "EMA_DECAY=1.5 is out of range"),
+                     (dict(SEED="-1"), "SEED=-1 is out of range"),
+                     (dict(MATRIX_BITS="9"), "use 2 <= MATRIX_BITS <= 8"),
+                     (dict(ROPE_DIMS="7"), "ROPE_DIMS=7 must be even"),
+                     (dict(RUN_PRESET="tiny", TTT_CHUNK="256"), "TTT_CHUNK=256 must be <= TTT_CONTEXT=128"),
+                     (dict(EVAL_STRIDE="4096"), "EVAL_STRIDE=4096 must be <= TRAIN_SEQ_LEN=2048")):
+        with pytest.raises(SystemExit, match=re.escape(msg)):
+            T.Config(env)
+    assert T.Config(dict(RUN_PRESET="tiny", TTT_CHUNK="128", EMA_DECAY="0", NUM_LOOPS="0")).ttt_chunk == 128
 
 
 def _train_worker(rank, world, port, data, accum, q):
