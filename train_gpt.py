@@ -175,17 +175,17 @@ FAMILIES = {"TTT", "PHASED", "GPTQ", "LQER", "MUON", "NGRAM", "QUANT", "XSA", "E
 ALIASES = {"PHASED_TTT_ENABLED": "TTT_MODE=phased", "TTT_ENABLED": "TTT_MODE (phased | full | off)",
            "SLIDING_WINDOW_ENABLED": "SLIDING_EVAL", "NGRAM_ENABLED": "NGRAM_TILT", "DATA_DIR": "DATA_PATH"}
 REMOVED = {"TTT_COMPILE": "the eager TTT kernels (EAGER_KERNELS, the default) are faster without a compile"}
-POS = (1, None)  # numeric settings: inclusive (low, high), None = no bound; the rest of CONFIG takes any value
+POS = (1, None)  # numeric settings: inclusive (low, high), None = no bound (windows: the rotary table's 1 << 16)
 BOUNDS = dict(SEED=(0, 2**32 - 1), VOCAB_SIZE=(2, 65535), MODEL_DIM=POS, NUM_LAYERS=POS, NUM_HEADS=POS, NUM_KV_HEADS=POS,
               MLP_MULT=POS, ROPE_DIMS=(0, None), NUM_LOOPS=(0, None), LOOP_START_FRAC=(0, 1), ITERATIONS=POS,
-              MAX_WALLCLOCK_SECONDS=(0, None), GPTQ_RESERVE_SECONDS=(0, None), TRAIN_BATCH_TOKENS=POS, TRAIN_SEQ_LEN=POS,
+              MAX_WALLCLOCK_SECONDS=(0, None), GPTQ_RESERVE_SECONDS=(0, None), TRAIN_BATCH_TOKENS=POS, TRAIN_SEQ_LEN=(1, 1 << 16),
               GRAD_ACCUM_STEPS=(0, None), WARMUP_STEPS=(0, None), WARMDOWN_FRAC=(0, 1), MIN_LR=(0, 1),
               MUON_MOMENTUM=(0, 1), MUON_MOMENTUM_WARMUP_START=(0, 1), MUON_MOMENTUM_WARMUP_STEPS=(0, None),
               MUON_NS_STEPS=(1, 5), GRAD_CLIP_NORM=(0, None), EMA_DECAY=(0, 0.99999), TRAIN_LOG_EVERY=POS,
               VAL_LOSS_EVERY=(0, None), GPTQ_CALIB_BATCHES=POS, GPTQ_BLOCK=POS, GPTQ_DAMP=(0, None), MATRIX_BITS=(2, 8),
               EMBED_BITS=(2, 8), LQER_TOP_K=(0, None), LQER_RANK=POS, QUANT_SMALL_NUMEL=(0, None), ARTIFACT_LIMIT=POS,
               ARTIFACT_MARGIN=(0, 0.5), EVAL_BUDGET_SECONDS=(0, None), EVAL_STRIDE=POS, EVAL_BATCH_TOKENS=POS,
-              TTT_CHUNK=POS, TTT_CONTEXT=POS, TTT_BATCH_DOCS=POS, TTT_MAX_BATCH_TOKENS=POS, TTT_LORA_RANK=POS,
+              TTT_CHUNK=POS, TTT_CONTEXT=(1, 1 << 16), TTT_BATCH_DOCS=POS, TTT_MAX_BATCH_TOKENS=POS, TTT_LORA_RANK=POS,
               PHASED_TTT_PREFIX_DOCS=(0, None), PHASED_TTT_PHASES=(0, None), TTT_SGD_CHUNK_TOKENS=POS,
               FULL_TTT_EPOCHS=POS, NGRAM_ORDER=POS, NGRAM_THRESHOLD=(0, 1), CALIBRATE_BATCHES=POS, CALIBRATE_TOKENS=POS,
               MAX_TRAIN_SHARDS=(0, None), VAL_MAX_TOKENS=(0, None))
@@ -247,6 +247,9 @@ class Config:
             if (lo is not None and v[n] < lo) or (hi is not None and v[n] > hi):
                 rule = f"{lo} <= {n} <= {hi}" if hi is not None else f"{n} >= {lo}"
                 raise SystemExit(f"error: {n}={v[n]!r} is out of range; use {rule}")
+        if not 1 <= v["SMEAR_DIMS"] <= v["MODEL_DIM"]:
+            raise SystemExit(f"error: SMEAR_DIMS={v['SMEAR_DIMS']} must be between 1 and MODEL_DIM={v['MODEL_DIM']} (the "
+                             f"gates read the first SMEAR_DIMS dims)")
         if v["ROPE_DIMS"] % 2:
             raise SystemExit(f"error: ROPE_DIMS={v['ROPE_DIMS']} must be even (rotary turns pairs of dims)")
         if v["TTT_CHUNK"] > v["TTT_CONTEXT"]:

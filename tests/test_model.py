@@ -593,9 +593,10 @@ def test_config_typo_and_bad_values():
 
 
 def test_config_out_of_range_is_refused():
-    """Values that crashed deep in the run (NUM_LOOPS=-1, TTT_CHUNK=0, MLP_MULT=0, odd ROPE_DIMS), that TTT's
-    every-token check refused only at the end (TTT_CHUNK > TTT_CONTEXT), or that ran as something else (ITERATIONS=0
-    trained nothing; MUON_NS_STEPS=6 ran 5 steps; EMA_DECAY=1.5) stop at start-up with the setting and the rule."""
+    """Values that crashed deep in the run (NUM_LOOPS=-1, TTT_CHUNK=0, MLP_MULT=0, odd ROPE_DIMS, SMEAR_DIMS=0, a
+    window beyond the rotary table), that TTT's every-token check refused only at the end (TTT_CHUNK > TTT_CONTEXT),
+    or that ran as something else (ITERATIONS=0 trained nothing; MUON_NS_STEPS=6 ran 5 steps; EMA_DECAY=1.5) stop at
+    start-up with the setting and the rule."""
     for preset in ("", "tiny", "demo"):  # the defaults and presets are in range
         T.Config({"RUN_PRESET": preset})
     for env, msg in ((dict(NUM_LOOPS="-1"), "NUM_LOOPS=-1 is out of range; use NUM_LOOPS >= 0"),
@@ -607,6 +608,8 @@ def test_config_out_of_range_is_refused():
                      (dict(SEED="-1"), "SEED=-1 is out of range"),
                      (dict(MATRIX_BITS="9"), "use 2 <= MATRIX_BITS <= 8"),
                      (dict(ROPE_DIMS="7"), "ROPE_DIMS=7 must be even"),
+                     (dict(SMEAR_DIMS="0"), "SMEAR_DIMS=0 must be between 1 and MODEL_DIM=512"),
+                     (dict(TRAIN_SEQ_LEN="70000"), "use 1 <= TRAIN_SEQ_LEN <= 65536"),
                      (dict(RUN_PRESET="tiny", TTT_CHUNK="256"), "TTT_CHUNK=256 must be <= TTT_CONTEXT=128"),
                      (dict(EVAL_STRIDE="4096"), "EVAL_STRIDE=4096 must be <= TRAIN_SEQ_LEN=2048")):
         with pytest.raises(SystemExit, match=re.escape(msg)):
