@@ -175,8 +175,8 @@ FAMILIES = {"TTT", "PHASED", "GPTQ", "LQER", "MUON", "NGRAM", "QUANT", "XSA", "E
 ALIASES = {"PHASED_TTT_ENABLED": "TTT_MODE=phased", "TTT_ENABLED": "TTT_MODE (phased | full | off)",
            "SLIDING_WINDOW_ENABLED": "SLIDING_EVAL", "NGRAM_ENABLED": "NGRAM_TILT", "DATA_DIR": "DATA_PATH"}
 REMOVED = {"TTT_COMPILE": "the eager TTT kernels (EAGER_KERNELS, the default) are faster without a compile"}
-POS = (1, None)  # numeric settings: inclusive (low, high), None = no bound (windows: the rotary table's 1 << 16)
-BOUNDS = dict(SEED=(0, 2**32 - 1), VOCAB_SIZE=(2, 65535), MODEL_DIM=POS, NUM_LAYERS=POS, NUM_HEADS=POS, NUM_KV_HEADS=POS,
+POS = (1, None)  # numeric settings: inclusive (low, high), None = no bound (1 << 16: uint16 token ids, the rotary table)
+BOUNDS = dict(SEED=(0, 2**32 - 1), VOCAB_SIZE=(2, 1 << 16), MODEL_DIM=POS, NUM_LAYERS=POS, NUM_HEADS=POS, NUM_KV_HEADS=POS,
               MLP_MULT=POS, ROPE_DIMS=(0, None), NUM_LOOPS=(0, None), LOOP_START_FRAC=(0, 1), ITERATIONS=POS,
               MAX_WALLCLOCK_SECONDS=(0, None), GPTQ_RESERVE_SECONDS=(0, None), TRAIN_BATCH_TOKENS=POS, TRAIN_SEQ_LEN=(1, 1 << 16),
               GRAD_ACCUM_STEPS=(0, None), WARMUP_STEPS=(0, None), WARMDOWN_FRAC=(0, 1), MIN_LR=(0, 1),
