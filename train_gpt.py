@@ -247,6 +247,12 @@ class Config:
             if (lo is not None and v[n] < lo) or (hi is not None and v[n] > hi):
                 rule = f"{lo} <= {n} <= {hi}" if hi is not None else f"{n} >= {lo}"
                 raise SystemExit(f"error: {n}={v[n]!r} is out of range; use {rule}")
+        d, h = v["MODEL_DIM"], v["NUM_HEADS"]
+        if d % h or h % v["NUM_KV_HEADS"] or d // h < v["ROPE_DIMS"]:
+            raise SystemExit("error: MODEL_DIM must divide into NUM_HEADS heads of >= ROPE_DIMS dims, "
+                             "and NUM_HEADS must be a multiple of NUM_KV_HEADS")
+        if not (0 <= v["LOOP_START"] <= v["LOOP_END"] < v["NUM_LAYERS"]):
+            raise SystemExit(f"error: need 0 <= LOOP_START <= LOOP_END < NUM_LAYERS={v['NUM_LAYERS']}")
         if not 1 <= v["SMEAR_DIMS"] <= v["MODEL_DIM"]:
             raise SystemExit(f"error: SMEAR_DIMS={v['SMEAR_DIMS']} must be between 1 and MODEL_DIM={v['MODEL_DIM']} (the "
                              f"gates read the first SMEAR_DIMS dims)")
@@ -1190,12 +1196,7 @@ class Ctx:
 class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        d, L = cfg.model_dim, cfg.num_layers
-        if d % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads or (d // cfg.num_heads) < cfg.rope_dims:
-            raise SystemExit("error: MODEL_DIM must divide into NUM_HEADS heads of >= ROPE_DIMS dims, "
-                             "and NUM_HEADS must be a multiple of NUM_KV_HEADS")
-        if not (0 <= cfg.loop_start <= cfg.loop_end < L):
-            raise SystemExit(f"error: need 0 <= LOOP_START <= LOOP_END < NUM_LAYERS={L}")
+        d, L = cfg.model_dim, cfg.num_layers  # shapes checked by Config
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, d)
         self.smear_w, self.smear_lam = nn.Parameter(torch.zeros(cfg.smear_dims)), nn.Parameter(torch.zeros(1))
@@ -3129,9 +3130,8 @@ def main():
     if why_not is None:
         rt.log(f"final val_bpb {summary['val_bpb']:.5f} (val_loss {summary['val_loss']:.5f}); "
                f"summary: {out_dir / 'summary.json'}, submission: {out_dir / 'submission.json'}")
-        if track_notes(summary):
-            rt.log(f"not a 10-minute-track result ({'; '.join(track_notes(summary))}): submission.json says "
-                   f"track non_record_16mb")
+        if notes := track_notes(summary):
+            rt.log(f"not a 10-minute-track result ({'; '.join(notes)}): submission.json says track non_record_16mb")
     else:
         rt.log(f"no valid result ({why_not}); val_bpb {summary['val_bpb']:.5f} is for diagnosis only; "
                f"summary: {out_dir / 'summary.json'}")

@@ -611,7 +611,9 @@ def test_config_out_of_range_is_refused():
                      (dict(SMEAR_DIMS="0"), "SMEAR_DIMS=0 must be between 1 and MODEL_DIM=512"),
                      (dict(TRAIN_SEQ_LEN="70000"), "use 1 <= TRAIN_SEQ_LEN <= 65536"),
                      (dict(RUN_PRESET="tiny", TTT_CHUNK="256"), "TTT_CHUNK=256 must be <= TTT_CONTEXT=128"),
-                     (dict(EVAL_STRIDE="4096"), "EVAL_STRIDE=4096 must be <= TRAIN_SEQ_LEN=2048")):
+                     (dict(EVAL_STRIDE="4096"), "EVAL_STRIDE=4096 must be <= TRAIN_SEQ_LEN=2048"),
+                     (dict(NUM_KV_HEADS="3"), "NUM_HEADS must be a multiple of NUM_KV_HEADS"),
+                     (dict(NUM_LAYERS="5"), "need 0 <= LOOP_START <= LOOP_END < NUM_LAYERS=5")):
         with pytest.raises(SystemExit, match=re.escape(msg)):
             T.Config(env)
     assert T.Config(dict(RUN_PRESET="tiny", TTT_CHUNK="128", EMA_DECAY="0", NUM_LOOPS="0")).ttt_chunk == 128
